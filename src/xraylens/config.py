@@ -1,0 +1,200 @@
+"""Typed run configuration: dataclasses, YAML in/out and `section.key=value` overrides.
+
+Every setting a run used is resolved into `config.yaml` in the run directory, so evaluate,
+explain and serve rebuild exactly the same model and preprocessing from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xraylens.errors import XraylensError
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    image_size: int = 224
+    center_crop: float = 1.0  # keep this central fraction of each side before resizing (seed 001)
+    val_fraction: float = 0.15  # used only when the source has no val split
+    split_seed: int = 0
+    train_split: str = "train"
+    val_split: str = "val"
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.25])
+    augment: str = "flip,affine,jitter"  # comma list of flip, affine, jitter, elastic; or "none"
+    augment_p: float = 1.0  # per-sample probability of the geometric part
+    balanced: bool = False  # class-balanced sampling
+    cache_dir: str | None = None
+    workers: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    in_chans: int = 1
+    weights: str | None = None  # local pretrained state dict; "hub" asks timm/torchvision (needs internet)
+    head_hidden: list[int] = field(default_factory=list)
+    train_last: int | None = None  # train only the last N backbone stages (+ head)
+    drop_rate: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adam | adamw | sgd | radam
+    momentum: float = 0.9
+    schedule: str = "cosine"  # cosine | step | none
+    step_size: int = 10
+    step_gamma: float = 0.1
+    loss: str = "ce"  # ce | ce-weighted | focal | focal-seed | bce
+    focal_gamma: float = 2.0
+    focal_alpha: list[float] | None = None
+    select: str = "accuracy"  # best-epoch metric or expression, e.g. "1.5*f2+accuracy"
+    early_stopping: int | None = None  # patience in epochs
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision, GPU only
+    channels_last: bool = True  # GPU only
+    eval_batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    classes: list[str] = field(default_factory=list)  # filled in by training, in label order
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise XraylensError(f"unknown config section(s) {sorted(unknown)}; expected data, model, train")
+        return cls(
+            data=_build(DataConfig, d.get("data") or {}, "data"),
+            model=_build(ModelConfig, d.get("model") or {}, "model"),
+            train=_build(TrainConfig, d.get("train") or {}, "train"),
+            classes=[str(c) for c in d.get("classes") or []],
+        )
+
+    def save(self, path: str | Path) -> None:
+        from xraylens.io import write_text
+
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise XraylensError(f"config file not found: {path}")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise XraylensError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if d is not None and not isinstance(d, dict):
+            raise XraylensError(f"{path} must hold a mapping with sections data, model, train")
+        return cls.from_dict(d or {})
+
+    def override(self, assignments: list[str]) -> RunConfig:
+        """Apply `section.key=value` strings (values parsed as YAML scalars/lists)."""
+        for a in assignments:
+            if "=" not in a or "." not in a.split("=", 1)[0]:
+                raise XraylensError(f"override {a!r} must look like section.key=value, e.g. train.lr=3e-4")
+            key, raw = a.split("=", 1)
+            section, name = key.split(".", 1)
+            sec = getattr(self, section, None)
+            if sec is None or not dataclasses.is_dataclass(sec):
+                raise XraylensError(f"override {a!r}: unknown section {section!r} (data, model, train)")
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+            setattr(sec, name, _coerce(type(sec), name, value, section))
+        return self
+
+
+def _build(cls: type, d: dict[str, Any], section: str):
+    if not isinstance(d, dict):
+        raise XraylensError(f"config section {section!r} must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise XraylensError(f"unknown {section} setting(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+    obj = cls()
+    for k, v in d.items():
+        setattr(obj, k, _coerce(cls, k, v, section))
+    return obj
+
+
+def _coerce(cls: type, name: str, value: Any, section: str) -> Any:
+    """Check `value` against the dataclass field's annotation, converting where it is lossless."""
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        known = ", ".join(f.name for f in fields(cls))
+        raise XraylensError(f"unknown {section} setting {name!r}; known: {known}")
+    tp = hints[name]
+    try:
+        return _convert(tp, value)
+    except (TypeError, ValueError):
+        raise XraylensError(f"{section}.{name}={value!r} is not a valid {_type_name(tp)}") from None
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(value)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_convert(item, v) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(value)
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(value)
+        return str(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
