@@ -1,0 +1,298 @@
+"""The training loop: data from the cache, augmentation on the device, best epoch by a named
+validation metric, atomic checkpoints after every epoch, resumable.
+
+A run killed mid-epoch resumes from `last.pt`: the interrupted epoch is redone from its start with
+the same data order (shuffling is a function of seed and epoch), so no epoch is lost or doubled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xraylens.config import RunConfig
+from xraylens.data.augment import GpuAugment
+from xraylens.data.cache import load_split
+from xraylens.data.loader import iterate_batches, to_model_input
+from xraylens.data.sources import load_source
+from xraylens.errors import XraylensError
+from xraylens.evaluate.predict import ce_loss, input_kwargs, predict_logits, softmax_np
+from xraylens.io import write_csv, write_json
+from xraylens.metrics import compute_metrics, metric_selector
+from xraylens.runtime import resolve_device, seed_everything
+from xraylens.train.checkpoint import build_model, load_checkpoint, save_checkpoint
+from xraylens.train.losses import build_loss
+
+log = logging.getLogger("xraylens.train")
+
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "val_qwk", "val_auc",
+                "val_sensitivity", "val_specificity", "score", "lr", "seconds")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_score: float
+    epochs_run: int
+    val_metrics: dict[str, Any]
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise XraylensError("no trainable parameters: raise model.train_last or leave it unset")
+    name = t.optimizer.lower()
+    if name == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    if name == "radam":
+        return torch.optim.RAdam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=True)
+    raise XraylensError(f"unknown optimizer {t.optimizer!r}; use adam, adamw, sgd or radam")
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig):
+    t = cfg.train
+    name = t.schedule.lower()
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, t.epochs))
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, t.step_size), gamma=t.step_gamma)
+    if name == "none":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    raise XraylensError(f"unknown schedule {t.schedule!r}; use cosine, step or none")
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def prepare_run_dir(out: Path, resume: bool) -> Path | None:
+    """Return the checkpoint to resume from, refusing to overwrite a finished or started run."""
+    last = out / "checkpoints" / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise XraylensError(f"--resume given but {last} does not exist; start without --resume")
+        return last
+    if last.is_file():
+        raise XraylensError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return None
+
+
+def load_data(cfg: RunConfig, progress: bool = False):
+    """Source, cached train/val splits and the data report, through the one data path."""
+    d = cfg.data
+    source = load_source(d.path, val_fraction=d.val_fraction, seed=d.split_seed)
+    for split in (d.train_split, d.val_split):
+        if split not in source.splits:
+            raise XraylensError(f"{d.path} has no {split!r} split (found: {', '.join(source.splits)})")
+    kw = dict(image_size=d.image_size, center_crop=d.center_crop, cache_dir=d.cache_dir, workers=d.workers,
+              progress=progress)
+    train = load_split(source, d.train_split, **kw)
+    val = load_split(source, d.val_split, **kw)
+    report = {
+        "source": str(d.path),
+        "kind": source.kind,
+        "classes": list(source.classes),
+        "split_info": source.split_info,
+        "splits": {
+            name: {"n": int(len(c.labels)), "per_class": np.bincount(c.labels, minlength=len(source.classes)).tolist(),
+                   "skipped": [{"id": i, "reason": r} for i, r in c.skipped]}
+            for name, c in ((d.train_split, train), (d.val_split, val))
+        },
+    }
+    return source, train, val, report
+
+
+def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+          stop_after_batches: int | None = None) -> TrainResult:
+    """Train a model as `cfg` says, writing the run directory `out`.
+
+    `stop_after_batches` simulates a crash after that many optimiser steps (tests of resume).
+    """
+    out = Path(out)
+    resume_from = prepare_run_dir(out, resume)
+    ckpt = None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        saved = RunConfig.from_dict(ckpt["config"])
+        saved.train.epochs = max(saved.train.epochs, cfg.train.epochs)  # allow extending a run
+        cfg = saved
+    if not cfg.data.path:
+        raise XraylensError("no data given: pass --data DIR (folder splits, a CSV manifest or an .npz)")
+
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    source, train_c, val_c, report = load_data(cfg, progress=progress)
+    if cfg.classes and list(cfg.classes) != list(source.classes):
+        raise XraylensError(f"classes changed since the run started: {cfg.classes} -> {source.classes}")
+    cfg.classes = list(source.classes)
+    k = len(cfg.classes)
+    if k < 2:
+        raise XraylensError(f"need at least 2 classes, found {cfg.classes} in {cfg.data.path}")
+
+    model = build_model(cfg, weights=ckpt is None).to(device)
+    use_cl = cfg.train.channels_last and device.type == "cuda"
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    class_counts = np.bincount(train_c.labels, minlength=k).tolist()
+    loss_fn = build_loss(cfg.train.loss, k, class_counts=class_counts, gamma=cfg.train.focal_gamma,
+                         alpha=cfg.train.focal_alpha).to(device)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+    augment = GpuAugment.from_names(cfg.data.augment, p=cfg.data.augment_p).to(device)
+    select = metric_selector(cfg.train.select)
+
+    state: dict[str, Any] = {"history": [], "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0,
+                             "class_counts": class_counts}
+    start_epoch = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        if ckpt.get("optimizer"):
+            opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scheduler"):
+            sched.load_state_dict(ckpt["scheduler"])
+        state.update(ckpt.get("state") or {})
+        start_epoch = int(ckpt["epoch"])
+        log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, cfg.train.epochs)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    cfg.save(out / "config.yaml")
+    write_json(out / "data_report.json", report)
+    _write_history(out, state["history"])
+    tb = _tensorboard(out, purge_step=start_epoch + 1)
+
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.amp
+                                  and not torch.cuda.is_bf16_supported())
+    in_kw = input_kwargs(cfg)
+    steps_done = 0
+    val_metrics: dict[str, Any] = {}
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + epoch)
+            total, n_seen = 0.0, 0
+            batches = iterate_batches(train_c, cfg.train.batch_size, shuffle=True, balanced=cfg.data.balanced,
+                                      seed=cfg.train.seed, epoch=epoch, drop_last=len(train_c.labels) > cfg.train.batch_size)
+            n_batches = _n_batches(len(train_c.labels), cfg.train.batch_size)
+            with _progress(progress, f"epoch {epoch + 1}/{cfg.train.epochs}", n_batches) as advance:
+                for x, y, _ in batches:
+                    xin = to_model_input(x, device=device, channels_last=use_cl, **in_kw)
+                    y = y.to(device, non_blocking=True)
+                    xin = augment(xin, generator=gen)
+                    with _autocast(device, cfg.train.amp):
+                        logits = model(xin)
+                    loss = loss_fn(logits.float(), y)
+                    if not torch.isfinite(loss):
+                        raise XraylensError(f"loss became {loss.item()} at epoch {epoch + 1}; lower train.lr")
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    total += loss.item() * len(y)
+                    n_seen += len(y)
+                    steps_done += 1
+                    advance(loss.item())
+                    if stop_after_batches is not None and steps_done >= stop_after_batches:
+                        raise _SimulatedCrash()
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+
+            logits = predict_logits(model, val_c, cfg, device)
+            val_metrics = compute_metrics(val_c.labels, softmax_np(logits), cfg.classes,
+                                          loss=ce_loss(logits, val_c.labels))
+            score = float(select(val_metrics))
+            row = {"epoch": epoch + 1, "train_loss": total / max(1, n_seen), "val_loss": val_metrics.get("loss"),
+                   "val_accuracy": val_metrics.get("accuracy"), "val_f1": val_metrics.get("f1"),
+                   "val_qwk": val_metrics.get("qwk"), "val_auc": val_metrics.get("auc"),
+                   "val_sensitivity": val_metrics.get("sensitivity"),
+                   "val_specificity": val_metrics.get("specificity"), "score": score, "lr": lr,
+                   "seconds": round(time.perf_counter() - t0, 3)}
+            state["history"].append(row)
+            improved = score > state["best_score"]
+            if improved:
+                state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_val_metrics=val_metrics)
+                save_checkpoint(out / "checkpoints" / "best.pt", model=model, config=cfg, epoch=epoch + 1, state=state)
+            else:
+                state["bad_epochs"] += 1
+            save_checkpoint(out / "checkpoints" / "last.pt", model=model, config=cfg, epoch=epoch + 1,
+                            optimizer=opt, scheduler=sched, state=state)
+            _write_history(out, state["history"])
+            _log_tb(tb, row)
+            log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_acc %.4f score %.4f%s", epoch + 1,
+                     cfg.train.epochs, row["train_loss"], row["val_loss"], row["val_accuracy"], score,
+                     " *" if improved else "")
+            if cfg.train.early_stopping and state["bad_epochs"] >= cfg.train.early_stopping:
+                log.info("early stopping: no improvement of %s for %d epochs", cfg.train.select,
+                         state["bad_epochs"])
+                break
+    finally:
+        if tb is not None:
+            tb.close()
+
+    best = state.get("best_val_metrics", val_metrics)
+    write_json(out / "metrics.json", {"best_epoch": state["best_epoch"], "select": cfg.train.select,
+                                      "best_score": state["best_score"], "epochs_run": len(state["history"]),
+                                      "val": best})
+    return TrainResult(out, state["best_epoch"], state["best_score"], len(state["history"]), best)
+
+
+class _SimulatedCrash(RuntimeError):
+    pass
+
+
+def _n_batches(n: int, bs: int) -> int:
+    return max(1, n // bs) if n > bs else 1
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    write_csv(out / "history.csv", HISTORY_KEYS, ([r.get(k) for k in HISTORY_KEYS] for r in history))
+
+
+def _tensorboard(out: Path, purge_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboard is a dependency
+        log.warning("tensorboard not installed: no TensorBoard events written")
+        return None
+    return SummaryWriter(str(out / "tb"), purge_step=purge_step)
+
+
+def _log_tb(tb, row: dict) -> None:
+    if tb is None:
+        return
+    for k, v in row.items():
+        if k != "epoch" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+            tb.add_scalar(k.replace("_", "/", 1) if k.startswith(("train_", "val_")) else k, v, row["epoch"])
+    tb.flush()
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, description: str, total: int):
+    if not enabled:
+        yield lambda loss: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(description, total=total, loss=float("nan"))
+        yield lambda loss: bar.update(task, advance=1, loss=loss)
