@@ -1,0 +1,167 @@
+"""The `xraylens` command. Subcommands only parse arguments and call the API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from xraylens.errors import XraylensError
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, evaluate and explain radiograph classifiers, and measure whether the explanations "
+    "point at the right anatomy.",
+)
+
+RunArg = Annotated[Path, typer.Argument(help="Run directory written by `xraylens train` (or a .pt checkpoint).")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Dataset: folder splits, CSV manifest or .npz. "
+                                              "Default: the data the run was trained on.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+
+
+def _methods(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+@app.command()
+def train(
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset folder, CSV manifest or .npz.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model name (see `xraylens models`).")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="ce, ce-weighted, focal, focal-seed or bce.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Side of the square model input.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")] = Path("runs/run"),
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config (sections data, model, train).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="adam, adamw, sgd or radam.")] = None,
+    schedule: Annotated[str | None, typer.Option("--schedule", help="cosine, step or none.")] = None,
+    select: Annotated[str | None, typer.Option("--select", help="Best-epoch metric or expression, "
+                                               "e.g. qwk or '1.5*f2+accuracy'.")] = None,
+    early_stopping: Annotated[int | None, typer.Option("--early-stopping", help="Patience in epochs.")] = None,
+    augment: Annotated[str | None, typer.Option("--augment", help="flip,affine,jitter,elastic or none.")] = None,
+    balanced: Annotated[bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampling.")] = None,
+    center_crop: Annotated[float | None, typer.Option("--center-crop", help="Keep this central fraction.")] = None,
+    in_chans: Annotated[int | None, typer.Option("--in-chans", help="1 (grey) or 3.")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", help="Local pretrained state dict (.pth/.safetensors); "
+                                                "'hub' downloads (needs internet).")] = None,
+    head_hidden: Annotated[str | None, typer.Option("--head-hidden", help="Extra FC head sizes, e.g. 256,64.")] = None,
+    train_last: Annotated[int | None, typer.Option("--train-last", help="Train only the last N stages.")] = None,
+    device: Annotated[str | None, typer.Option("--device")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any setting, e.g. --set train.weight_decay=0.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Train a classifier and write a run directory (config.yaml, checkpoints/, history.csv, metrics.json, tb/)."""
+    from xraylens.config import RunConfig
+    from xraylens.train.loop import train as run_train
+
+    cfg = RunConfig.load(config) if config else RunConfig()
+    flags = {
+        "data.path": str(data) if data else None, "model.name": model, "train.loss": loss, "train.epochs": epochs,
+        "data.image_size": image_size, "train.batch_size": batch_size, "train.lr": lr,
+        "train.optimizer": optimizer, "train.schedule": schedule, "train.select": select,
+        "train.early_stopping": early_stopping, "data.augment": augment, "data.balanced": balanced,
+        "data.center_crop": center_crop, "model.in_chans": in_chans, "model.weights": weights,
+        "model.head_hidden": head_hidden, "model.train_last": train_last, "train.device": device,
+        "train.seed": seed,
+    }
+    cfg.override([f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or []))
+    result = run_train(cfg, out, resume=resume, progress=not quiet)
+    typer.echo(f"best epoch {result.best_epoch} ({cfg.train.select} {result.best_score:.4f}); run in {out}")
+
+
+@app.command()
+def evaluate(
+    run: RunArg,
+    data: DataOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split to evaluate.")] = "test",
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+    device: DeviceOpt = "auto",
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the outputs (default: the run).")] = None,
+) -> None:
+    """Write metrics-<split>.json and predictions-<split>.csv for a split."""
+    from xraylens.evaluate.run import confusion_text, evaluate_run
+
+    m = evaluate_run(run, data, split, which=checkpoint, device=device, out=out)
+    keys = ["accuracy", "precision", "recall", "f1", "f1_macro", "f05", "f2", "qwk",
+            "auc", "sensitivity", "specificity", "loss"]
+    typer.echo(f"{split}: {m['n_images']} images" + (f", {len(m['skipped'])} skipped" if m["skipped"] else ""))
+    for k in keys:
+        if m.get(k) is not None:
+            typer.echo(f"  {k:<20} {m[k]:.4f}")
+    typer.echo(confusion_text(m, m.get("classes") or []))
+    typer.echo(f"wrote {(out or run)}/metrics-{split}.json and predictions-{split}.csv")
+
+
+@app.command()
+def predict(
+    run: RunArg,
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, DICOM...).")],
+    device: DeviceOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Print the predicted class and probabilities for single image files."""
+    from xraylens.evaluate.predict import predict_files
+    from xraylens.train.checkpoint import load_run
+
+    loaded = load_run(run, device=device)
+    failed = 0
+    for r in predict_files(loaded, images):
+        if as_json:
+            typer.echo(json.dumps(r))
+        elif "error" in r:
+            typer.echo(f"{r['path']}: skipped ({r['error']})", err=True)
+        else:
+            probs = " ".join(f"{c}={p:.3f}" for c, p in r["probabilities"].items())
+            typer.echo(f"{r['path']}: {r['class']} ({r['probability']:.3f})  {probs}")
+        failed += "error" in r
+    if failed:
+        typer.echo(f"{failed} of {len(images)} file(s) could not be read", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def models() -> None:
+    """List the model names `--model` accepts."""
+    from xraylens.models.registry import list_models
+
+    for name in list_models():
+        typer.echo(name)
+
+
+@app.command()
+def demo(
+    data: Annotated[Path | None, typer.Option("--data", help="Run the same job on a real folder instead.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Where the phantom data and the run go.")] = Path("runs/demo"),
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Generate a phantom dataset (lesions with known boxes), train, evaluate, explain and localise."""
+    from xraylens.demo import run_demo
+
+    summary = run_demo(out=out, data=data, epochs=epochs, progress=not quiet)
+    typer.echo(summary)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        app()
+    except XraylensError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
