@@ -59,8 +59,10 @@ def train(
     train_last: Annotated[int | None, typer.Option("--train-last", help="Train only the last N stages.")] = None,
     device: Annotated[str | None, typer.Option("--device")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any setting, e.g. --set train.weight_decay=0.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")] = False,
+    set_: Annotated[list[str] | None,
+                    typer.Option("--set", help="Any setting, e.g. --set train.weight_decay=0.")] = None,
+    resume: Annotated[bool,
+                      typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Train a classifier and write a run directory (config.yaml, checkpoints/, history.csv, metrics.json, tb/)."""

@@ -190,8 +190,10 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
             model.train()
             gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + epoch)
             total, n_seen = 0.0, 0
+            # drop a ragged last batch (a batch of 1 breaks BatchNorm) unless the split is that small
+            drop_last = len(train_c.labels) > cfg.train.batch_size
             batches = iterate_batches(train_c, cfg.train.batch_size, shuffle=True, balanced=cfg.data.balanced,
-                                      seed=cfg.train.seed, epoch=epoch, drop_last=len(train_c.labels) > cfg.train.batch_size)
+                                      seed=cfg.train.seed, epoch=epoch, drop_last=drop_last)
             n_batches = _n_batches(len(train_c.labels), cfg.train.batch_size)
             with _progress(progress, f"epoch {epoch + 1}/{cfg.train.epochs}", n_batches) as advance:
                 for x, y, _ in batches:
