@@ -58,9 +58,7 @@ class PointingResult:
 def _bhw(maps: torch.Tensor, name: str = "maps") -> torch.Tensor:
     if maps.dim() == 4:
         if maps.shape[1] != 1:
-            raise XraylensError(
-                f"{name} must be [B, 1, H, W], got {tuple(maps.shape)}; pick one channel first"
-            )
+            raise XraylensError(f"{name} must be [B, 1, H, W], got {tuple(maps.shape)}; pick one channel first")
         return maps[:, 0]
     if maps.dim() == 3:
         return maps
@@ -77,9 +75,7 @@ def _scale(scale: ScaleLike, b: int, device: torch.device) -> tuple[torch.Tensor
     elif s.dim() == 1 and s.shape[0] == b:  # one isotropic scale per image
         s = s[:, None].expand(b, 2)
     if s.shape != (b, 2) or bool((s <= 0).any()):
-        raise XraylensError(
-            f"scale must be > 0: a float, (sx, sy) or per image [B] / [B, 2]; got {tuple(s.shape)}"
-        )
+        raise XraylensError(f"scale must be > 0: a float, (sx, sy) or per image [B] / [B, 2]; got {tuple(s.shape)}")
     return s[:, 0], s[:, 1]
 
 
@@ -122,9 +118,7 @@ def _annotation_args(
     boxes: torch.Tensor | np.ndarray | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if (masks is None) == (boxes is None):
-        raise XraylensError(
-            "pass exactly one of masks= (bool [B, 1, H, W]) or boxes= ([B, K, 4] x0 y0 x1 y1)"
-        )
+        raise XraylensError("pass exactly one of masks= (bool [B, 1, H, W]) or boxes= ([B, K, 4] x0 y0 x1 y1)")
     if masks is not None:
         masks = masks.to(device=maps.device)
         if masks.dim() == 3:
@@ -223,8 +217,7 @@ def pointing_game(
         union, boxes_t = _annotation_args(maps, masks, boxes)
         if boxes_t is None and mode == "all":
             raise XraylensError(
-                "mode='all' needs instance_masks= [B, K, H, W] or boxes=; "
-                "a union mask cannot tell boxes apart"
+                "mode='all' needs instance_masks= [B, K, H, W] or boxes=; a union mask cannot tell boxes apart"
             )
         inst = union
     sx, sy = _scale(scale, b, dev)
@@ -266,11 +259,35 @@ def pointing_game(
 # -------------------------------------------------------------------------------------------- energy
 
 
+def _window_sum(
+    c: torch.Tensor, rmin: torch.Tensor, rmax: torch.Tensor, cmin: torch.Tensor, cmax: torch.Tensor
+) -> torch.Tensor:
+    """Sum of c[n, rmin:rmax+1, cmin:cmax+1] for each map of c [n, H, W] (inclusive, in-grid ranges).
+
+    Reads a [hb, wb] window per map (the chunk's largest box extent) through a strided view - a virtual
+    tensor of every window start - indexed once at each map's start: no per-image loop, no [n, H, W]
+    mask. Windows are shifted inside the grid at the bottom/right edges; the separable row/column
+    weights then select exactly the box."""
+    n, h, w = c.shape
+    dev = c.device
+    c = c.contiguous()
+    hb = int((rmax - rmin + 1).max())
+    wb = int((cmax - cmin + 1).max())
+    sr = rmin.clamp(max=h - hb)
+    sc = cmin.clamp(max=w - wb)
+    starts = c.as_strided((n, h * w - (hb - 1) * w - (wb - 1), hb, wb), (h * w, 1, w, 1))
+    blk = starts[torch.arange(n, device=dev), sr * w + sc]  # [n, hb, wb] copy of each window
+    i = torch.arange(hb, device=dev)[None]
+    j = torch.arange(wb, device=dev)[None]
+    okr = ((i >= (rmin - sr)[:, None]) & (i <= (rmax - sr)[:, None])).to(c.dtype)
+    okc = ((j >= (cmin - sc)[:, None]) & (j <= (cmax - sc)[:, None])).to(c.dtype)
+    return torch.bmm(torch.bmm(okr[:, None, :], blk), okc[:, :, None]).view(n)
+
+
 def _box_union_energy(p: torch.Tensor, boxes: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, ...]:
     """Positive energy inside the union of boxes and in total, [B] each, without building [B, H, W]
-    masks for single boxes: the box sum gathers only a window of each map (the chunk's largest box
-    extent), so it costs a fraction of a pass; the total is one `sum` pass, plus an `amin` pass that
-    tells which maps have negative values (only those pay for relu)."""
+    masks for single boxes: the box sum reads only a window per map (`_window_sum`); the total is one
+    `sum` pass, plus an `amin` pass telling which maps have negative values (only those pay for relu)."""
     b, h, w = p.shape
     dev = p.device
     rmin, rmax, cmin, cmax, valid = _box_ranges(boxes, h, w)
@@ -283,28 +300,18 @@ def _box_union_energy(p: torch.Tensor, boxes: torch.Tensor, chunk_size: int) -> 
     for sl in _chunks(b, chunk_size):
         c = p[sl]
         c = c if c.dtype == torch.float32 else c.float()
-        n = c.shape[0]
         neg = c.amin(dim=(1, 2)) < 0  # CAMs are usually >= 0 already: relu only where needed
         any_neg = bool(neg.any())
-        tot = c.sum(dim=(1, 2))
         if any_neg:
-            tot[neg] = c[neg].clamp(min=0).sum(dim=(1, 2))
-        e_tot[sl] = tot
-        hb = int((rmax[sl, 0] - rmin[sl, 0] + 1).max()) if boxes.shape[1] == 1 else h
-        wb = int((cmax[sl, 0] - cmin[sl, 0] + 1).max()) if boxes.shape[1] == 1 else w
-        if boxes.shape[1] == 1 and hb * wb * 4 <= h * w:
-            # gather the [hb, wb] window at each box's corner; cells beyond the box weigh 0
-            ri = rmin[sl, 0, None] + torch.arange(hb, device=dev)[None]  # [n, hb]
-            ci = cmin[sl, 0, None] + torch.arange(wb, device=dev)[None]  # [n, wb]
-            ok = (ri <= rmax[sl, 0, None])[:, :, None] & (ci <= cmax[sl, 0, None])[:, None, :]
-            idx = ri.clamp(max=h - 1)[:, :, None] * w + ci.clamp(max=w - 1)[:, None, :]
-            win = c.reshape(n, -1).gather(1, idx.reshape(n, -1)).view(n, hb, wb)
-            if any_neg:
-                win = win.clamp(min=0)
-            e_in[sl] = (win * ok).sum(dim=(1, 2)) * valid[sl, 0]
-        else:  # large or several boxes (a union is not separable): build the chunk's mask
+            c = c.clone()
+            c[neg] = c[neg].clamp(min=0)
+        if boxes.shape[1] == 1:
+            e_tot[sl] = c.sum(dim=(1, 2))
+            e_in[sl] = _window_sum(c, rmin[sl, 0], rmax[sl, 0], cmin[sl, 0], cmax[sl, 0]) * valid[sl, 0]
+        else:  # several boxes: a union is not separable, build the chunk's mask
             mk = (rowm[sl, :, :, None] & colm[sl, :, None, :]).any(1)
-            e_in[sl] = ((c.clamp(min=0) if any_neg else c) * mk).sum(dim=(-2, -1))
+            e_in[sl] = (c * mk).sum(dim=(-2, -1))
+            e_tot[sl] = c.sum(dim=(-2, -1))
     return e_in, e_tot, valid.any(-1)
 
 
@@ -365,9 +372,7 @@ def mask_energy_ratio(maps: torch.Tensor, masks: torch.Tensor) -> MaskEnergy:
     norm = torch.where((a_in > 0) & (a_out > 0), frac / (a_in / n), nan)
     mean_in = e_in / a_in.clamp(min=1)
     mean_out = e_out / a_out.clamp(min=1)
-    ratio = torch.where(
-        mean_out > 0, mean_in / mean_out.clamp(min=1e-30), torch.where(mean_in > 0, math.inf, nan)
-    )
+    ratio = torch.where(mean_out > 0, mean_in / mean_out.clamp(min=1e-30), torch.where(mean_in > 0, math.inf, nan))
     ratio = torch.where((a_in > 0) & (a_out > 0), ratio, nan)
     return MaskEnergy(frac, norm, ratio)
 
@@ -408,9 +413,7 @@ def center_map(b: int, h: int, w: int, device: torch.device | str | None = None)
     return m.expand(b, 1, h, w).contiguous()
 
 
-def random_map(
-    b: int, h: int, w: int, seed: int = 0, device: torch.device | str | None = None
-) -> torch.Tensor:
+def random_map(b: int, h: int, w: int, seed: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
     """Baseline map [B, 1, H, W] of uniform [0, 1) noise, reproducible from `seed` (CPU generator, then
     moved, so every device gets the same maps)."""
     g = torch.Generator().manual_seed(seed)
@@ -437,17 +440,11 @@ def aggregate(
     image (hits 0/1, energies...; NaN = skipped), `classes` the class of each image (same order)."""
     rows: list[AggregateRow] = []
     for method, v in values.items():
-        arr = (
-            v.detach().float().cpu().numpy()
-            if isinstance(v, torch.Tensor)
-            else np.asarray(v, dtype=np.float64)
-        )
+        arr = v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float64)
         arr = arr.reshape(-1)
         labels = np.asarray(["all"] * arr.size if classes is None else list(classes), dtype=object)
         if labels.size != arr.size:
-            raise XraylensError(
-                f"{method}: {arr.size} values but {labels.size} classes; pass one class per image"
-            )
+            raise XraylensError(f"{method}: {arr.size} values but {labels.size} classes; pass one class per image")
         groups = ([] if classes is None else sorted({str(c) for c in labels})) + ["all"]
         for g in groups:
             sel = arr if g == "all" else arr[labels == g]
