@@ -1,0 +1,365 @@
+"""The CAM engine: hooks, targets, one forward + one backward pass, upsampling and normalisation.
+
+``CamEngine`` runs every requested gradient method from ONE forward and ONE backward pass per batch:
+activations and gradients of the chosen layers are captured once and each method in
+``methods.METHODS`` is a pure function of them. Score-CAM adds its masked forward passes (batched).
+
+Design choices worth knowing:
+
+* Gradients are captured with tensor hooks (``output.register_hook``) registered in the forward hook,
+  before any in-place op (DenseNet's ``relu(inplace=True)``) can touch the tensor; the activation is
+  stored as a detached copy for the same reason.
+* The backward pass starts at the target score and stops at the first hooked layer: that layer's
+  output is replaced by a fresh leaf, and ``torch.autograd.grad`` asks only for it. So no parameter
+  gradient is computed or accumulated (``.grad`` of the model is never touched), nothing below the
+  layer is back-propagated, and it works whatever the parameters' ``requires_grad`` are.
+* The model's train/eval mode is left as the caller set it (explain in eval mode: in train mode
+  BatchNorm uses batch statistics and updates its running averages).
+* Per-layer maps are ReLU'd by the method, upsampled bilinearly (``align_corners=False``, the same
+  sampling as OpenCV's ``INTER_LINEAR`` for enlargement) and min-max normalised per image. With several
+  layers each is normalised before combining (mean / max / product), then the result is normalised
+  again; NormGrad's default combination is the product (Rebuffi et al.'s "combined" maps), the
+  others default to the mean (pytorch-grad-cam's aggregation).
+* A map that is constant (e.g. all zero after the ReLU) cannot be normalised: it is returned as zeros
+  and flagged in ``CamResult.constant``; maps never contain NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xraylens.errors import XraylensError
+from xraylens.explain.methods import METHODS, NO_GRADIENT, NORMGRAD, SCORE_METHODS, available_methods, scorecam
+
+Targets = str | int | Sequence[int] | torch.Tensor
+
+_COMBINE = ("mean", "max", "product")
+_SCORES = ("logit", "prob")
+
+
+@dataclass
+class CamResult:
+    """Everything one engine call produced; tensors stay on the model's device.
+
+    maps: method -> [B,1,H,W] float, upsampled to the input (or ``output_size``), per-image in [0, 1]
+        when normalised.
+    raw: method -> layer -> [B,1,h,w], the method's map at the layer's resolution, un-normalised.
+    logits: [B, K] model outputs of the explained pass. targets: [B] explained class per image.
+    constant: method -> [B] bool, True where the map was constant (returned as zeros).
+    """
+
+    maps: dict[str, torch.Tensor]
+    raw: dict[str, dict[str, torch.Tensor]]
+    logits: torch.Tensor
+    targets: torch.Tensor
+    constant: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Probability of the explained class per image, [B]."""
+        return _class_probs(self.logits).gather(1, self.targets[:, None]).squeeze(1)
+
+    @property
+    def preds(self) -> torch.Tensor:
+        return _class_probs(self.logits).argmax(dim=1)
+
+    def numpy(self, method: str):
+        """``maps[method]`` as a float32 numpy array [B,H,W] (copied to the CPU)."""
+        return self.maps[method][:, 0].float().cpu().numpy()
+
+
+def _class_probs(logits: torch.Tensor) -> torch.Tensor:
+    if logits.shape[1] == 1:  # one BCE logit: p(class 1) = sigmoid
+        p1 = torch.sigmoid(logits.float())
+        return torch.cat([1 - p1, p1], dim=1)
+    return torch.softmax(logits.float(), dim=1)
+
+
+def _class_scores(logits: torch.Tensor, score: str) -> torch.Tensor:
+    """[B, K'] scores per class; a single BCE logit z reads as two classes with scores (-z, z)."""
+    if logits.shape[1] == 1:
+        if score == "prob":
+            return _class_probs(logits)
+        return torch.cat([-logits, logits], dim=1)
+    return torch.softmax(logits, dim=1) if score == "prob" else logits
+
+
+def _pick(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
+    return _class_scores(logits, score).gather(1, targets[:, None]).squeeze(1)
+
+
+def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image (x - min) / (max - min) of [B,1,H,W]; constant maps -> zeros, flagged in the [B] mask."""
+    maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
+    lo = maps.amin(dim=(1, 2, 3), keepdim=True)
+    hi = maps.amax(dim=(1, 2, 3), keepdim=True)
+    rng = hi - lo
+    # relative test so a large but flat map (float noise) also counts as constant
+    const = rng <= eps * torch.maximum(hi.abs(), torch.ones_like(hi))
+    out = torch.where(const, torch.zeros_like(maps), (maps - lo) / torch.where(const, 1.0, rng))
+    return out, const.flatten()
+
+
+def _resolve_layers(model: nn.Module, layers: Sequence[str] | str | None) -> list[str]:
+    if isinstance(layers, str):
+        layers = [layers]
+    if layers is None:
+        layers = getattr(model, "default_cam_layers", None)
+    if layers is None:
+        try:  # the model registry knows the default CAM layers of zoo models
+            from xraylens.models.registry import cam_layers
+
+            layers = cam_layers(model)
+        except Exception:  # registry missing or model unknown to it: the caller must name layers
+            layers = None
+    if not layers:
+        raise XraylensError(
+            f"no CAM layer known for {type(model).__name__}; pass layers=[...] with module names "
+            "(see model.named_modules())"
+        )
+    names = dict(model.named_modules())
+    for name in layers:
+        if name not in names:
+            close = [n for n in names if n and (name in n or n.endswith(name.split(".")[-1]))][:5]
+            raise XraylensError(
+                f"layer {name!r} not found in {type(model).__name__}; pass a module name such as "
+                f"{close or list(names)[-5:]}"
+            )
+    return list(layers)
+
+
+class CamEngine:
+    """Explain a batch with many CAM methods from one forward and one backward pass.
+
+    Use as a context manager; hooks are registered on entry and always removed on exit::
+
+        with CamEngine(model, ["layer4"]) as engine:
+            result = engine(x, ["gradcam", "normgrad-conv1x1"], targets="pred")
+
+    Calling it outside ``with`` registers and removes the hooks around that one call.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str] | str | None = None) -> None:
+        self.model = model
+        self.layers = _resolve_layers(model, layers)
+        self._modules = {n: model.get_submodule(n) for n in self.layers}
+        self._handles: list = []
+        self._capture = False
+        self._need_grad = False
+        self._cut: torch.Tensor | None = None
+        self._acts: dict[str, torch.Tensor] = {}
+        self._grads: dict[str, torch.Tensor] = {}
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def __enter__(self) -> CamEngine:
+        if not self._handles:
+            for name, module in self._modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook and drop captured tensors (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._acts.clear()
+        self._grads.clear()
+        self._cut = None
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, inputs, output):
+            if not self._capture:  # Score-CAM's masked passes and foreign forwards are not recorded
+                return None
+            if not isinstance(output, torch.Tensor) or output.ndim != 4:
+                raise XraylensError(
+                    f"layer {name!r} outputs {type(output).__name__} "
+                    f"{tuple(getattr(output, 'shape', ()))}; choose a layer with a [B,C,h,w] tensor output"
+                )
+            if not self._need_grad:
+                self._acts[name] = output.detach().clone()
+                return None
+            if self._cut is None:
+                # first hooked layer: backward stops here. Downstream gets a copy of the leaf so an
+                # in-place op there cannot touch the leaf (autograd forbids it) or our activations.
+                leaf = output.detach().requires_grad_(True)
+                self._cut = leaf
+                self._acts[name] = leaf.detach()
+                leaf.register_hook(self._grad_saver(name))
+                return leaf.clone()
+            # later layers: copy the value now, hook the gradient before any in-place op runs
+            self._acts[name] = output.detach().clone()
+            if output.requires_grad:
+                output.register_hook(self._grad_saver(name))
+            return None
+
+        return hook
+
+    def _grad_saver(self, name: str):
+        def save(grad: torch.Tensor) -> None:
+            self._grads[name] = grad.detach()
+
+        return save
+
+    # -- call ------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        x: torch.Tensor,
+        methods: Sequence[str] | str = ("gradcam",),
+        targets: Targets = "pred",
+        labels: torch.Tensor | Sequence[int] | None = None,
+        combine: str | None = None,
+        score: str = "logit",
+        normalize: bool = True,
+        output_size: tuple[int, int] | None = None,
+        scorecam_batch_size: int = 64,
+    ) -> CamResult:
+        """Explain ``x`` [B,C,H,W] (already normalised model input).
+
+        targets: "pred" (arg-max), "true" (needs ``labels``), one class index, or one per image.
+        combine: how several layers merge — "mean", "max" or "product"; None = product for NormGrad,
+            mean for the rest.
+        score: back-propagate the target's "logit" or softmax "prob" (also Score-CAM's score).
+        """
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        self._check_args(x, methods, combine, score)
+        if not self._handles:  # not entered: hooks for this call only
+            with self:
+                return self(x, methods, targets, labels, combine, score, normalize, output_size,
+                            scorecam_batch_size)
+        device = _model_device(self.model, x)
+        x = x.to(device)
+        grad_methods = [m for m in methods if m not in NO_GRADIENT]
+        self._need_grad = bool(grad_methods)
+        self._clear()
+        self._capture = True
+        try:
+            with torch.enable_grad() if self._need_grad else torch.no_grad():
+                logits = self.model(x)
+                if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+                    raise XraylensError("the model must return logits [B, K]; wrap it to return a tensor")
+                self._capture = False
+                tgt = _resolve_targets(targets, labels, logits)
+                missing = [n for n in self.layers if n not in self._acts]
+                if missing:
+                    raise XraylensError(f"layers {missing} did not run in the forward pass; choose others")
+                if self._need_grad:
+                    total = _pick(logits, tgt, score).sum()
+                    if not total.requires_grad:
+                        raise XraylensError("the model's output does not depend on the CAM layer; check layers")
+                    # ONE backward for every gradient method; only reaches the first hooked layer
+                    torch.autograd.grad(total, [self._cut], allow_unused=True)
+                    missing = [n for n in self.layers if n not in self._grads]
+                    if missing:
+                        raise XraylensError(
+                            f"layers {missing} got no gradient (they do not lie after {self.layers[0]!r} "
+                            "on the path to the output); explain them in a separate engine"
+                        )
+            logits = logits.detach()
+            raw: dict[str, dict[str, torch.Tensor]] = {}
+            for m in methods:
+                raw[m] = {}
+                for name in self.layers:
+                    a = self._acts[name]
+                    if m in SCORE_METHODS:
+                        cam = scorecam(self._forward_plain, x, a, lambda o, t: _pick(o, t, score), tgt,
+                                       scorecam_batch_size)
+                    else:
+                        cam = METHODS[m](a, self._grads.get(name))
+                    raw[m][name] = cam.detach().unsqueeze(1)
+        finally:
+            self._capture = False
+            self._clear()  # no tensors (and so no graph) survive the call
+        size = tuple(output_size) if output_size is not None else tuple(x.shape[-2:])
+        maps: dict[str, torch.Tensor] = {}
+        constant: dict[str, torch.Tensor] = {}
+        for m in methods:
+            how = combine or ("product" if m in NORMGRAD else "mean")
+            maps[m], constant[m] = _combine(list(raw[m].values()), size, how, normalize)
+        return CamResult(maps=maps, raw=raw, logits=logits, targets=tgt, constant=constant)
+
+    def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x)
+
+    def _check_args(self, x, methods, combine, score) -> None:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise XraylensError(f"expected an input batch [B,C,H,W], got {tuple(getattr(x, 'shape', ()))}")
+        known = available_methods()
+        bad = [m for m in methods if m not in known]
+        if bad or not methods:
+            raise XraylensError(f"unknown CAM method(s) {bad}; choose from {', '.join(known)}")
+        if combine is not None and combine not in _COMBINE:
+            raise XraylensError(f"combine={combine!r} is not one of {', '.join(_COMBINE)}")
+        if score not in _SCORES:
+            raise XraylensError(f"score={score!r} is not one of {', '.join(_SCORES)}")
+
+
+def _model_device(model: nn.Module, x: torch.Tensor) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else x.device
+
+
+def _resolve_targets(targets: Targets, labels, logits: torch.Tensor) -> torch.Tensor:
+    b = logits.shape[0]
+    k = 2 if logits.shape[1] == 1 else logits.shape[1]
+    dev = logits.device
+    if isinstance(targets, str):
+        if targets == "pred":
+            return _class_scores(logits.detach(), "logit").argmax(dim=1)
+        if targets == "true":
+            if labels is None:
+                raise XraylensError('targets="true" needs labels=[...] (one class index per image)')
+            t = torch.as_tensor(labels, device=dev).long().flatten()
+        else:
+            raise XraylensError(f'targets={targets!r}: use "pred", "true", a class index or one per image')
+    elif isinstance(targets, int):
+        t = torch.full((b,), int(targets), device=dev, dtype=torch.long)
+    else:
+        t = torch.as_tensor(targets, device=dev).long().flatten()
+    if t.numel() != b:
+        raise XraylensError(f"got {t.numel()} targets for a batch of {b} images; pass one per image")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= k):
+        raise XraylensError(f"target classes must lie in 0..{k - 1} for this model, got {t.tolist()}")
+    return t
+
+
+def _combine(
+    per_layer: list[torch.Tensor], size: tuple[int, int], how: str, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ups = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in per_layer]
+    if len(ups) == 1:
+        if normalize:
+            return minmax_normalize(ups[0])
+        flat = torch.nan_to_num(ups[0])
+        _, const = minmax_normalize(flat)
+        return torch.where(const[:, None, None, None], 0.0, flat), const
+    # several layers: bring each to [0, 1] first, so no layer dominates by its scale
+    stack = torch.stack([minmax_normalize(u)[0] for u in ups])
+    if how == "mean":
+        out = stack.mean(0)
+    elif how == "max":
+        out = stack.amax(0)
+    else:
+        out = stack.prod(0)
+    if normalize:
+        return minmax_normalize(out)
+    _, const = minmax_normalize(out)
+    return torch.where(const[:, None, None, None], 0.0, out), const
+
+
+def explain(model: nn.Module, x: torch.Tensor, methods: Sequence[str] | str = ("gradcam",),
+            layers: Sequence[str] | str | None = None, **kw) -> CamResult:
+    """One-shot convenience: ``CamEngine(model, layers)(x, methods, **kw)`` with hooks released after."""
+    with CamEngine(model, layers) as engine:
+        return engine(x, methods, **kw)
