@@ -315,3 +315,23 @@ def _split_val(source: SourceSet, fraction: float, seed: int) -> None:
         records.append(r)
     source.records = [r for r in records if r.split != "val"] + [r for r in records if r.split == "val"]
     source.split_info["val"] = {"from": "train", "fraction": fraction, "seed": seed, "n": len(to_val)}
+
+
+# ------------------------------------------------------------------------------------- unlabelled images
+
+
+UNLABELLED = "unlabelled"
+
+
+def load_image_folder(path: str | os.PathLike) -> SourceSet:
+    """Every image under `path` as one split "all" of one class (labels unknown): for explaining or
+    localising a folder of annotated images such as NIH's, through the same cache as any split."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise XraylensError(f"image folder {p} does not exist")
+    images, ignored = _scan_class_folder(p)
+    if not images:
+        raise XraylensError(f"no image files (.png, .jpg, .dcm, ...) under {p}")
+    records = [Record(id=q.relative_to(p).as_posix(), label=0, split="all", path=str(q)) for q in images]
+    return SourceSet(root=str(p), classes=[UNLABELLED], records=records, kind="images",
+                     split_info={"ignored_files": ignored})
