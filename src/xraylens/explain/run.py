@@ -1,0 +1,157 @@
+"""`xraylens explain`: CAMs for a split of a trained run, with renders, maps and an index.
+
+The images come through the run's own data path (cache -> to_model_input), so the explained
+input is exactly what the model saw in training and evaluation. One engine pass per batch gives
+every requested gradient method and the predictions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xraylens.data.loader import to_model_input
+from xraylens.errors import XraylensError
+from xraylens.evaluate.predict import input_kwargs
+from xraylens.explain.engine import CamEngine, CamResult
+from xraylens.explain.methods import available_methods
+from xraylens.train.checkpoint import LoadedRun
+
+
+@dataclass
+class ExplainSummary:
+    out: Path
+    n_images: int
+    methods: list[str]
+    grid_paths: list[Path]
+    maps_path: Path
+    index_path: Path
+    constant: dict[str, int]  # per method: images whose map was constant (returned as zeros)
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    known = available_methods()
+    bad = [m for m in names if m not in known]
+    if bad or not names:
+        raise XraylensError(f"unknown CAM method(s) {bad or '(none given)'}; choose from {', '.join(known)}")
+    return names
+
+
+def parse_target(target: str | int, classes: Sequence[str]) -> str | int:
+    """'pred', 'true', a class name or a class index -> what the engine takes."""
+    if isinstance(target, int):
+        t = target
+    elif target in ("pred", "true"):
+        return target
+    elif target in classes:
+        return list(classes).index(target)
+    elif str(target).isdigit():
+        t = int(target)
+    else:
+        raise XraylensError(f"--target {target!r}: use pred, true, a class name ({', '.join(classes)}) or its index")
+    if not 0 <= t < len(classes):
+        raise XraylensError(f"--target {t} is out of range for {len(classes)} classes")
+    return t
+
+
+def pick_indices(n: int, limit: int | None) -> np.ndarray:
+    """All images, or `limit` of them spread evenly over the split (cache order is by class)."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
+
+
+def iter_cams(run: LoadedRun, cached, indices: np.ndarray, methods: list[str], *, layers: list[str] | None = None,
+              combine: str | None = None, target: str | int = "pred", score: str = "logit",
+              batch_size: int = 16) -> Iterator[tuple[np.ndarray, torch.Tensor, CamResult]]:
+    """Yield (cache indices, model input, CamResult) per batch; maps stay on the run's device."""
+    targets = parse_target(target, run.classes)
+    kw = input_kwargs(run.config)
+    with CamEngine(run.model, layers) as engine:
+        for lo in range(0, len(indices), batch_size):
+            idx = indices[lo:lo + batch_size]
+            x = to_model_input(torch.from_numpy(cached.images[idx])[:, None], device=run.device, **kw)
+            labels = torch.from_numpy(cached.labels[idx]).to(run.device)
+            res = engine(x, methods, targets=targets, labels=labels, combine=combine, score=score)
+            yield idx, x, res
+
+
+def explain_run(run_dir: str | Path, data: str | Path | None = None, split: str = "test", *,
+                methods: str | Sequence[str] = ("gradcam",), layers: Sequence[str] | None = None,
+                combine: str | None = None, target: str | int = "pred", score: str = "logit",
+                out: str | Path | None = None, device: str = "auto", limit: int | None = None,
+                batch_size: int = 16, overlays: int = 16, grid: int = 36, blank_wrong: bool = False,
+                cmap: str = "jet", alpha: float = 0.4, which: str = "best") -> ExplainSummary:
+    """Explain a split: maps.npz, index.csv, grid_<method>.png and overlays/<method>/*.png in `out`."""
+    from xraylens.evaluate.run import load_run_split
+    from xraylens.explain import render
+    from xraylens.train.checkpoint import load_run
+
+    run = load_run(run_dir, which=which, device=device)
+    method_list = parse_methods(methods)
+    _, cached = load_run_split(run, data, split)
+    indices = pick_indices(len(cached.labels), limit)
+    out = Path(out) if out else run.run_dir / "cams"
+
+    maps: dict[str, list[np.ndarray]] = {m: [] for m in method_list}
+    raw: dict[str, list[np.ndarray]] = {}
+    constant: dict[str, list[np.ndarray]] = {m: [] for m in method_list}
+    targets, preds, probs = [], [], []
+    for _, _, res in iter_cams(run, cached, indices, method_list, layers=list(layers) if layers else None,
+                               combine=combine, target=target, score=score, batch_size=batch_size):
+        for m in method_list:
+            maps[m].append(res.maps[m][:, 0].half().cpu().numpy())
+            constant[m].append(res.constant[m].cpu().numpy())
+            for layer, r in res.raw[m].items():
+                raw.setdefault(f"raw/{m}/{layer}", []).append(r[:, 0].float().cpu().numpy())
+        p = torch.softmax(res.logits.float(), dim=1)
+        targets.append(res.targets.cpu().numpy())
+        preds.append(p.argmax(1).cpu().numpy())
+        probs.append(p.max(1).values.cpu().numpy())
+
+    ids = [cached.ids[i] for i in indices]
+    stacked = {m: np.concatenate(v) for m, v in maps.items()}
+    flags = {m: np.concatenate(v) for m, v in constant.items()}
+    true, pred, prob = cached.labels[indices], np.concatenate(preds), np.concatenate(probs)
+    maps_path = out / "maps.npz"
+    render.save_maps_npz(maps_path, ids, {**stacked, **{k: np.concatenate(v) for k, v in raw.items()}})
+
+    columns: dict[str, object] = {
+        "true": [run.classes[t] for t in true], "pred": [run.classes[p] for p in pred],
+        "prob": np.round(prob, 6), "target": [run.classes[t] for t in np.concatenate(targets)],
+    }
+    columns.update({f"constant_{m}": flags[m].astype(int) for m in method_list})
+    grey = cached.images[indices]
+    files: dict[str, list[str]] = {m: [""] * len(ids) for m in method_list}
+    for m in method_list:
+        for j in range(min(overlays, len(ids))):
+            rel = Path("overlays") / _safe(m) / f"{_safe(ids[j])}.png"
+            render.save_png(out / rel, render.side_by_side(grey[j], stacked[m][j].astype(np.float32), cmap, alpha))
+            files[m][j] = rel.as_posix()
+        columns[f"overlay_{m}"] = files[m]
+    index_path = out / "index.csv"
+    render.write_index_csv(index_path, ids, columns)
+
+    grids = []
+    n_grid = min(grid, len(ids))
+    if n_grid:
+        g_idx = pick_indices(len(ids), n_grid)
+        for m in method_list:
+            path = out / f"grid_{_safe(m)}.png"
+            render.cam_grid(grey[g_idx], stacked[m][g_idx].astype(np.float32), true=true[g_idx], pred=pred[g_idx],
+                            probs=prob[g_idx], class_names=run.classes, blank_wrong=blank_wrong, cmap=cmap,
+                            alpha=alpha, path=path)
+            grids.append(path)
+    return ExplainSummary(out, len(ids), method_list, grids, maps_path, index_path,
+                          {m: int(flags[m].sum()) for m in method_list})
+
+
+def _safe(name: str) -> str:
+    """A file-name-safe version of an image id or method name ('+' kept: gradcam++)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "x"
