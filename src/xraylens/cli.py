@@ -135,6 +135,91 @@ def predict(
 
 
 @app.command()
+def explain(
+    run: RunArg,
+    data: DataOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split to explain.")] = "test",
+    methods: Annotated[str, typer.Option("--methods", help="Comma list: gradcam, gradcam++, xgradcam, layercam, "
+                                         "hirescam, eigencam, scorecam, normgrad-scaling, normgrad-conv1x1, "
+                                         "normgrad-conv3x3.")] = "gradcam",
+    layers: Annotated[str | None, typer.Option("--layers", help="Comma list of module names "
+                                               "(default: the model's CAM layers).")] = None,
+    combine: Annotated[str | None, typer.Option("--combine", help="mean, max or product over layers "
+                                                "(default: product for NormGrad, mean otherwise).")] = None,
+    target: Annotated[str, typer.Option("--target", help="pred, true, or a class name/index.")] = "pred",
+    score: Annotated[str, typer.Option("--score", help="Back-propagate the target's logit or prob.")] = "logit",
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: RUN/cams).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Explain N images spread over the split.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    overlays: Annotated[int, typer.Option("--overlays", help="Write side-by-side PNGs for the first N images.")] = 16,
+    grid: Annotated[int, typer.Option("--grid", help="Tiles in each grid_<method>.png.")] = 36,
+    blank_wrong: Annotated[bool, typer.Option("--blank-wrong", help="Wrong predictions as blank grid tiles.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Write CAMs of a split: maps.npz, index.csv, grid_<method>.png and overlays/."""
+    from xraylens.explain.run import explain_run
+
+    s = explain_run(run, data, split, methods=methods, layers=_methods(layers) if layers else None, combine=combine,
+                    target=target, score=score, out=out, device=device, limit=limit, batch_size=batch_size,
+                    overlays=overlays, grid=grid, blank_wrong=blank_wrong)
+    typer.echo(f"explained {s.n_images} images with {', '.join(s.methods)} -> {s.out}")
+    for m, n in s.constant.items():
+        if n:
+            typer.echo(f"  {m}: {n} constant map(s) returned as zeros (flagged in index.csv)")
+
+
+@app.command()
+def localize(
+    run: RunArg,
+    annotations: Annotated[Path, typer.Option("--annotations", help="object-CXR dev.csv, NIH BBox_List csv, "
+                                              "COCO json, or a folder of binary masks.")],
+    fmt: Annotated[str, typer.Option("--format", help="object-cxr, nih, coco or masks.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset (class folders) or a plain folder of "
+                                              "images. Default: the run's data.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Single-image mode: print the result and "
+                                               "write an overlay with the annotation and peak marked.")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of --data (ignored for a plain folder).")] = "test",
+    methods: Annotated[str, typer.Option("--methods", help="Comma list of CAM methods.")] = "gradcam",
+    layers: Annotated[str | None, typer.Option("--layers", help="Comma list of module names.")] = None,
+    combine: Annotated[str | None, typer.Option("--combine", help="mean, max or product over layers.")] = None,
+    target: Annotated[str, typer.Option("--target", help="pred, true, or a class name/index.")] = "pred",
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Pointing-game tolerance, original pixels.")] = 15.0,
+    smooth: Annotated[float, typer.Option("--smooth", help="Gaussian sigma (input pixels) before the peak.")] = 0.0,
+    percentile: Annotated[float, typer.Option("--percentile", help="IoU of the map above this percentile.")] = 90.0,
+    label: Annotated[str | None, typer.Option("--label", help="Only shapes of this finding label.")] = None,
+    faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Also deletion/insertion AUC.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed annotation rows (counted).")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Pointing game, energy and IoU of CAMs against annotations, beside centre and random baselines."""
+    from xraylens.evaluate.localize_run import localize_image, localize_run
+
+    lay = _methods(layers) if layers else None
+    if image is not None:
+        for r in localize_image(run, image, annotations=annotations, fmt=fmt, methods=methods, layers=lay,
+                                combine=combine, target=target, tolerance=tolerance, smooth=smooth, label=label,
+                                out=out, device=device):
+            verdict = "skipped (no annotation)" if r["skipped"] else ("HIT" if r["hit"] else "miss")
+            typer.echo(f"{r['method']:<20} {verdict:<8} peak (x, y) = {tuple(r['peak_xy'])}, "
+                       f"distance {r['distance']:.1f} px, target {r['target']} ({r['probability']:.3f}) "
+                       f"-> {r['overlay']}")
+        return
+    s = localize_run(run, annotations=annotations, fmt=fmt, data=data, split=split, methods=methods, layers=lay,
+                     combine=combine, target=target, tolerance=tolerance, smooth=smooth, percentile=percentile,
+                     label=label, faithfulness=faithfulness, skip_bad=skip_bad, out=out, device=device,
+                     batch_size=batch_size)
+    typer.echo(f"{s.n_images} annotated-file images, {s.n_annotated} with shapes; pointing game "
+               f"(tolerance {s.tolerance:g} px):")
+    for m, acc in s.overall.items():
+        typer.echo(f"  {m:<20} {acc:.3f}")
+    if s.skipped_rows:
+        typer.echo(f"  {len(s.skipped_rows)} malformed annotation row(s) skipped (listed in the summary)")
+    typer.echo(f"wrote {s.csv_path}, {s.summary_path} and localization_summary.csv")
+
+
+@app.command()
 def models() -> None:
     """List the model names `--model` accepts."""
     from xraylens.models.registry import list_models
