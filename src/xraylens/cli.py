@@ -189,18 +189,23 @@ def localize(
     label: Annotated[str | None, typer.Option("--label", help="Only shapes of this finding label.")] = None,
     faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Also deletion/insertion AUC.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed annotation rows (counted).")] = False,
+    annotation_size: Annotated[str | None, typer.Option("--annotation-size", help="W,H (or one number) of the "
+                                                        "images the coordinates were drawn on, when the files "
+                                                        "were resized since. COCO sizes are read from the "
+                                                        "file.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
     device: DeviceOpt = "auto",
 ) -> None:
     """Pointing game, energy and IoU of CAMs against annotations, beside centre and random baselines."""
-    from xraylens.evaluate.localize_run import localize_image, localize_run
+    from xraylens.evaluate.localize_run import localize_image, localize_run, parse_size
 
     lay = _methods(layers) if layers else None
+    ref = parse_size(annotation_size) if annotation_size else None
     if image is not None:
         for r in localize_image(run, image, annotations=annotations, fmt=fmt, methods=methods, layers=lay,
                                 combine=combine, target=target, tolerance=tolerance, smooth=smooth, label=label,
-                                out=out, device=device):
+                                out=out, device=device, ref_size=ref):
             verdict = "skipped (no annotation)" if r["skipped"] else ("HIT" if r["hit"] else "miss")
             typer.echo(f"{r['method']:<20} {verdict:<8} peak (x, y) = {tuple(r['peak_xy'])}, "
                        f"distance {r['distance']:.1f} px, target {r['target']} ({r['probability']:.3f}) "
@@ -209,7 +214,7 @@ def localize(
     s = localize_run(run, annotations=annotations, fmt=fmt, data=data, split=split, methods=methods, layers=lay,
                      combine=combine, target=target, tolerance=tolerance, smooth=smooth, percentile=percentile,
                      label=label, faithfulness=faithfulness, skip_bad=skip_bad, out=out, device=device,
-                     batch_size=batch_size)
+                     batch_size=batch_size, ref_size=ref)
     typer.echo(f"{s.n_images} annotated-file images, {s.n_annotated} with shapes; pointing game "
                f"(tolerance {s.tolerance:g} px):")
     for m, acc in s.overall.items():

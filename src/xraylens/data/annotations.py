@@ -102,6 +102,9 @@ class Annotation:
 
     shapes: list[Shape] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)  # image-level findings, in order of appearance
+    # (width, height) of the image the coordinates were drawn on, when the file says (COCO does);
+    # None = the image file itself. Images are often shared downscaled, their annotations not.
+    size: tuple[int, int] | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -299,7 +302,9 @@ def read_coco(path: str | os.PathLike, skip_bad: bool = False, use_segmentation:
         if not isinstance(im, dict) or "file_name" not in im or "id" not in im:
             raise XraylensError(f"{path.name} images[{i}]: needs 'id' and 'file_name'; fix the entry")
         by_id[im["id"]] = im["file_name"]
-        out._get(im["file_name"])
+        entry = out._get(im["file_name"])
+        if isinstance(im.get("width"), (int, float)) and isinstance(im.get("height"), (int, float)):
+            entry.size = (int(im["width"]), int(im["height"]))
     hint = "fix the entry, or pass skip_bad=True to skip it"
     for i, a in enumerate(anns):
         where = f"annotations[{i}]"
@@ -365,6 +370,30 @@ def read_mask_folder(folder: str | os.PathLike, skip_bad: bool = False, label: s
 
 
 # ------------------------------------------------------------------------------------ geometry mapping
+
+
+def rescale_shapes(shapes: Sequence[Shape], from_size: tuple[float, float],
+                   to_size: tuple[float, float]) -> list[Shape]:
+    """Shapes drawn on an image of `from_size` (width, height) moved onto the same image at `to_size`:
+    coordinates scale by to/from per axis (continuous coordinates, so corners map to corners)."""
+    fw, fh = from_size
+    tw, th = to_size
+    if fw <= 0 or fh <= 0:
+        raise XraylensError(f"annotation image size must be positive, got {from_size}")
+    sx, sy = tw / fw, th / fh
+    if sx == 1.0 and sy == 1.0:
+        return list(shapes)
+    out: list[Shape] = []
+    for s in shapes:
+        if isinstance(s, (Rectangle, Ellipse)):
+            out.append(type(s)(s.x0 * sx, s.y0 * sy, s.x1 * sx, s.y1 * sy, label=s.label))
+        elif isinstance(s, Polygon):
+            out.append(Polygon(tuple((x * sx, y * sy) for x, y in s.points), label=s.label))
+        else:  # a mask: nearest-neighbour onto the new grid, pixel centres mapped back
+            rows = np.minimum(((np.arange(int(th)) + 0.5) / sy).astype(np.int64), s.array.shape[0] - 1)
+            cols = np.minimum(((np.arange(int(tw)) + 0.5) / sx).astype(np.int64), s.array.shape[1] - 1)
+            out.append(Mask(s.array[rows[:, None], cols[None, :]], label=s.label))
+    return out
 
 
 def shape_to_input(shape: Shape, geometry: Geometry) -> Shape:

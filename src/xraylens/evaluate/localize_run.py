@@ -52,18 +52,31 @@ def read_annotations(path: str | Path, fmt: str, skip_bad: bool = False) -> ann.
 
 
 def match_keys(ids: Sequence[str], annotations: dict[str, Any]) -> list[str | None]:
-    """The annotation key of each image id: the id itself (relative path), else its file name when
-    that name is unique among the annotated ones (annotation files usually list bare file names)."""
+    """The annotation key of each image id: the id itself (relative path), else its file name, else its
+    file name without extension (images re-encoded as PNG), each only when unique among the keys."""
     by_name: dict[str, list[str]] = {}
+    by_stem: dict[str, list[str]] = {}
     for k in annotations:
         by_name.setdefault(Path(k).name, []).append(k)
+        by_stem.setdefault(Path(k).stem.lower(), []).append(k)
     out: list[str | None] = []
     for i in ids:
         if i in annotations:
             out.append(i)
             continue
-        cands = by_name.get(Path(i).name, [])
+        cands = by_name.get(Path(i).name) or by_stem.get(Path(i).stem.lower(), [])
         out.append(cands[0] if len(cands) == 1 else None)
+    return out
+
+
+def shapes_for(keys: Sequence[str], annots: ann.AnnotationSet, geoms: Sequence[Any], label: str | None,
+               ref_size: tuple[float, float] | None) -> list[list[Any]]:
+    """Shapes per image, moved from the frame they were drawn in (`ref_size`, else the annotation's own
+    declared size, else the file itself) onto the decoded image the geometry starts from."""
+    out = []
+    for key, shapes, g in zip(keys, ann.annotations_for(keys, annots, label=label), geoms, strict=True):
+        frame = ref_size or annots[key].size
+        out.append(ann.rescale_shapes(shapes, frame, (g.orig_w, g.orig_h)) if frame else shapes)
     return out
 
 
@@ -96,8 +109,12 @@ def localize_run(run_dir: str | Path, *, annotations: str | Path, fmt: str, data
                  combine: str | None = None, target: str | int = "pred", tolerance: float = 15.0,
                  smooth: float = 0.0, percentile: float = 90.0, label: str | None = None,
                  faithfulness: bool = False, steps: int = 20, skip_bad: bool = False, out: str | Path | None = None,
-                 device: str = "auto", batch_size: int = 16, which: str = "best", seed: int = 0) -> LocalizeSummary:
-    """Localisation metrics of a run's CAMs on annotated images; writes localization*.csv/json to `out`."""
+                 device: str = "auto", batch_size: int = 16, which: str = "best", seed: int = 0,
+                 ref_size: tuple[float, float] | None = None) -> LocalizeSummary:
+    """Localisation metrics of a run's CAMs on annotated images; writes localization*.csv/json to `out`.
+
+    `ref_size` (width, height): the image size the annotation coordinates refer to, when the image
+    files were resized after annotation (e.g. NIH boxes drawn at 1024 px on 256 px copies)."""
     from xraylens.evaluate.faithfulness import deletion_insertion
     from xraylens.explain.run import iter_cams, parse_methods
     from xraylens.train.checkpoint import load_run
@@ -123,7 +140,7 @@ def localize_run(run_dir: str | Path, *, annotations: str | Path, fmt: str, data
                                  combine=combine, target=target, batch_size=batch_size):
         dev = x.device
         geoms = [cached.geometry[i] for i in idx]
-        shapes = ann.annotations_for([keys[i] for i in idx], annots, label=label)
+        shapes = shapes_for([keys[i] for i in idx], annots, geoms, label, ref_size)
         inst = torch.from_numpy(ann.rasterize_batch(shapes, geoms, instances=True)).to(dev)
         union = inst.any(1, keepdim=True)
         scale = torch.tensor([[g.scale_x, g.scale_y] for g in geoms], device=dev, dtype=torch.float32)
@@ -168,6 +185,7 @@ def localize_run(run_dir: str | Path, *, annotations: str | Path, fmt: str, data
     summary = {
         "run": str(run.run_dir), "annotations": str(annotations), "format": fmt, "split": split if labelled else "all",
         "tolerance": tolerance, "smooth": smooth, "percentile": percentile, "target": str(target),
+        "annotation_size": list(ref_size) if ref_size else None,
         "n_images": int(len(indices)), "n_annotated": n_annotated,
         "skipped_annotation_rows": [{"row": r, "reason": why} for r, why in annots.skipped],
         "pointing_game": {m: {r.cls: {"accuracy": r.mean, "n": r.n, "n_skipped": r.n_skipped}
@@ -218,7 +236,8 @@ def localize_image(run_dir: str | Path, image: str | Path, *, annotations: str |
                    methods: str | Sequence[str] = ("gradcam",), layers: Sequence[str] | None = None,
                    combine: str | None = None, target: str | int = "pred", tolerance: float = 15.0,
                    smooth: float = 0.0, label: str | None = None, out: str | Path | None = None,
-                   device: str = "auto", which: str = "best") -> list[dict[str, Any]]:
+                   device: str = "auto", which: str = "best",
+                   ref_size: tuple[float, float] | None = None) -> list[dict[str, Any]]:
     """One image: pointing game per method, and an overlay PNG with the annotation (green), the peak
     (red cross) and the tolerance disc (red ellipse on the input grid) for each method."""
     from xraylens.data.cache import prepare_image
@@ -243,7 +262,7 @@ def localize_image(run_dir: str | Path, image: str | Path, *, annotations: str |
         raise XraylensError("--target true needs a label; a single image has none: use pred or a class")
     with CamEngine(run.model, list(layers) if layers else None) as engine:
         res = engine(x, method_list, targets=tgt, combine=combine)
-    shapes = ann.annotations_for([key], annots, label=label)
+    shapes = shapes_for([key], annots, [geom], label, ref_size)
     inst = torch.from_numpy(ann.rasterize_batch(shapes, [geom], instances=True)).to(x.device)
     scale = (geom.scale_x, geom.scale_y)
     out = Path(out) if out else run.run_dir / "localize"
@@ -291,3 +310,14 @@ def _save_marked(path: Path, grey: np.ndarray, cam: np.ndarray, mask: np.ndarray
 def _erode(mask: np.ndarray) -> np.ndarray:
     m = np.pad(mask, 1, constant_values=False)
     return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+
+
+def parse_size(text: str) -> tuple[float, float]:
+    """'1024' or '1024,768' (width, height) -> (w, h)."""
+    try:
+        parts = [float(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise XraylensError(f"--annotation-size {text!r}: give W,H or one number, e.g. 1024 or 1024,768")
+    return (parts[0], parts[-1])
