@@ -133,6 +133,17 @@ def test_cli_train_evaluate_predict_and_errors(fixture_dir, tmp_path):
     r = subprocess.run(py + ["evaluate", str(run), "--split", "val"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "sensitivity" in r.stdout and (run / "metrics-val.json").is_file()
+    # --resume keeps the saved config: a finished 1-epoch run stays at 1 epoch unless --epochs says more
+    r = subprocess.run(py + ["train", "--out", str(run), "--resume", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(_history(run)) == 1
+    r = subprocess.run(py + ["train", "--out", str(run), "--resume", "--lr", "0.1", "--image-size", "64"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--lr" in r.stderr and "--image-size" in r.stderr, r.stderr
+    r = subprocess.run(py + ["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [int(h["epoch"]) for h in _history(run)] == [1, 2]
     img = sorted((fixture_dir / "pneumonia" / "NORMAL").iterdir())[0]
     r = subprocess.run(py + ["predict", str(run), str(img)], capture_output=True, text=True)
     assert r.returncode == 0 and ("NORMAL" in r.stdout or "PNEUMONIA" in r.stdout)

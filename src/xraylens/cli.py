@@ -69,7 +69,6 @@ def train(
     from xraylens.config import RunConfig
     from xraylens.train.loop import train as run_train
 
-    cfg = RunConfig.load(config) if config else RunConfig()
     flags = {
         "data.path": str(data) if data else None, "model.name": model, "train.loss": loss, "train.epochs": epochs,
         "data.image_size": image_size, "train.batch_size": batch_size, "train.lr": lr,
@@ -79,6 +78,23 @@ def train(
         "model.head_hidden": head_hidden, "model.train_last": train_last, "train.device": device,
         "train.seed": seed,
     }
+    if resume:
+        # a resumed run keeps its saved config; only the epoch count may change (to extend it)
+        named = {"data.path": "--data", "model.name": "--model"}
+        given = [named.get(k, "--" + k.split(".")[1].replace("_", "-")) for k, v in flags.items()
+                 if v is not None and k != "train.epochs"]
+        given += ["--config"] * bool(config) + ["--set"] * bool(set_)
+        if given:
+            raise XraylensError(f"--resume continues {out} with its saved config; drop {', '.join(given)} "
+                                "(only --epochs may change)")
+        cfg = None
+        if epochs is not None:
+            cfg = RunConfig()
+            cfg.train.epochs = epochs
+        result = run_train(cfg, out, resume=True, progress=not quiet)
+        typer.echo(f"best epoch {result.best_epoch} (score {result.best_score:.4f}); run in {out}")
+        return
+    cfg = RunConfig.load(config) if config else RunConfig()
     cfg.override([f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or []))
     result = run_train(cfg, out, resume=resume, progress=not quiet)
     typer.echo(f"best epoch {result.best_epoch} ({cfg.train.select} {result.best_score:.4f}); run in {out}")

@@ -120,10 +120,12 @@ def load_data(cfg: RunConfig, progress: bool = False):
     return source, train, val, report
 
 
-def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progress: bool = True,
           stop_after_batches: int | None = None) -> TrainResult:
     """Train a model as `cfg` says, writing the run directory `out`.
 
+    With `resume`, the run continues with the config saved in its checkpoint; `cfg` may be None, and
+    if given only its `train.epochs` is used, as the new total (to extend a finished run).
     `stop_after_batches` simulates a crash after that many optimiser steps (tests of resume).
     """
     out = Path(out)
@@ -132,8 +134,13 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
         saved = RunConfig.from_dict(ckpt["config"])
-        saved.train.epochs = max(saved.train.epochs, cfg.train.epochs)  # allow extending a run
+        if cfg is not None:
+            if cfg.train.epochs < int(ckpt["epoch"]):
+                raise XraylensError(f"--epochs {cfg.train.epochs} is below the {ckpt['epoch']} epochs already done")
+            saved.train.epochs = cfg.train.epochs
         cfg = saved
+    elif cfg is None:
+        raise XraylensError("no config given for a new run")
     if not cfg.data.path:
         raise XraylensError("no data given: pass --data DIR (folder splits, a CSV manifest or an .npz)")
 
