@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xraylens.errors import XraylensError
+from xraylens.ops import gaussian_blur
 
 AUGMENT_NAMES = ("flip", "affine", "jitter", "elastic")
 
@@ -146,23 +147,10 @@ class GpuAugment(nn.Module):
             theta[:, 0, 0] = theta[:, 1, 1] = 1.0
         grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
         if noise is not None:
-            disp = _gaussian_blur(noise * 2.0 - 1.0, self.elastic_sigma) * self.elastic_alpha  # pixels
+            disp = gaussian_blur(noise * 2.0 - 1.0, self.elastic_sigma) * self.elastic_alpha  # pixels
             # pixels -> normalised units (2 / size); grid's last dim is (x, y)
             scale = torch.tensor([2.0 / w, 2.0 / h], device=x.device, dtype=dtype)
             grid = grid + disp.permute(0, 2, 3, 1) * scale
         out = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode=self.padding_mode,
                             align_corners=False)
         return out.to(x.dtype)
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [N, C, H, W], replicate-padded (the field keeps its value at edges)."""
-    radius = max(1, int(math.ceil(3.0 * sigma)))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    kx = k.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-    ky = k.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kx, groups=c)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), ky, groups=c)

@@ -11,13 +11,13 @@ image stacked into one stream of perturbed inputs and fed to the model in chunks
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from xraylens.errors import XraylensError
+from xraylens.ops import gaussian_blur
 
 
 @dataclass
@@ -31,23 +31,12 @@ class CurveResult:
     fractions: torch.Tensor
 
 
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    r = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def make_baseline(x: torch.Tensor, kind: str = "blur", blur_sigma: float = 5.0) -> torch.Tensor:
     """What a removed pixel becomes: "blur" (Gaussian blur of the image, sigma in input pixels),
     "zero" (0 in the model's input space, i.e. the normalised mean for a normalised input), or "mean"
     (each image's per-channel mean)."""
     if kind == "blur":
-        return _blur(x, blur_sigma)
+        return gaussian_blur(x, blur_sigma)
     if kind == "zero":
         return torch.zeros_like(x)
     if kind == "mean":

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from xraylens.errors import XraylensError
+from xraylens.ops import gaussian_blur
 
 ScaleLike = float | tuple[float, float] | Sequence[float] | torch.Tensor | np.ndarray
 
@@ -77,18 +77,6 @@ def _scale(scale: ScaleLike, b: int, device: torch.device) -> tuple[torch.Tensor
     if s.shape != (b, 2) or bool((s <= 0).any()):
         raise XraylensError(f"scale must be > 0: a float, (sx, sy) or per image [B] / [B, 2]; got {tuple(s.shape)}")
     return s[:, 0], s[:, 1]
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [B, C, H, W] (replicate border), radius 3 sigma."""
-    r = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def _box_ranges(boxes: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, ...]:
@@ -161,7 +149,7 @@ def _peaks(m: torch.Tensor, chunk_size: int, smooth_sigma: float = 0.0) -> tuple
     for sl in _chunks(b, chunk_size):
         c = m[sl]
         if smooth_sigma > 0:
-            c = _gaussian_blur(c[:, None].float(), smooth_sigma)[:, 0]
+            c = gaussian_blur(c[:, None].float(), smooth_sigma)[:, 0]
         rowmax = c.amax(dim=2)  # [b, H]
         vmax = rowmax.amax(dim=1)
         r = (rowmax == vmax[:, None]).to(torch.uint8).argmax(dim=1)  # first row with the maximum
