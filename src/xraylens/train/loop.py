@@ -177,7 +177,11 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
             sched.load_state_dict(ckpt["scheduler"])
         state.update(ckpt.get("state") or {})
         start_epoch = int(ckpt["epoch"])
-        log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, cfg.train.epochs)
+        if start_epoch >= cfg.train.epochs:
+            log.info("%s already finished %d/%d epochs; pass --epochs N to extend it", out, start_epoch,
+                     cfg.train.epochs)
+        else:
+            log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, cfg.train.epochs)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
