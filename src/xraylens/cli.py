@@ -223,6 +223,7 @@ def localize(
                                 combine=combine, target=target, tolerance=tolerance, smooth=smooth, label=label,
                                 out=out, device=device, ref_size=ref):
             verdict = "skipped (no annotation)" if r["skipped"] else ("HIT" if r["hit"] else "miss")
+            verdict += " (constant map: no peak)" if r["constant"] else ""
             typer.echo(f"{r['method']:<20} {verdict:<8} peak (x, y) = {tuple(r['peak_xy'])}, "
                        f"distance {r['distance']:.1f} px, target {r['target']} ({r['probability']:.3f}) "
                        f"-> {r['overlay']}")
