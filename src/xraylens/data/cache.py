@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from xraylens.data.decode import decode_image
 from xraylens.data.records import Geometry, Record, SourceSet, center_crop_box
 from xraylens.errors import DecodeError, XraylensError
 from xraylens.io import atomic_path, write_json
+from xraylens.progress import progress_bar
 
 # bump when preprocessing or the file layout changes: old cache entries are then never read
 CACHE_FORMAT_VERSION = 1
@@ -162,7 +163,7 @@ def load_split(source: SourceSet, split: str, image_size: int | Sequence[int], *
         return i, None
 
     n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    with _progress(progress, f"decoding {split}", len(records)) as advance:
+    with progress_bar(progress, f"decoding {split}", len(records)) as advance:
         if n_workers <= 1 or len(records) < 2:
             results = (run(i) for i in range(len(records)))
             for i, reason in results:
@@ -239,25 +240,3 @@ def _read_cache(folder: Path, key: str, source: SourceSet, split: str) -> Cached
                            key=key, split=split)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None  # a damaged entry is rebuilt, not trusted
-
-
-class _progress:
-    """A Rich progress bar when asked for, else a no-op; yields an `advance()` callable."""
-
-    def __init__(self, enabled: bool, label: str, total: int):
-        self.enabled, self.label, self.total = enabled, label, total
-        self._bar: Any = None
-
-    def __enter__(self) -> Callable[[], None]:
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress
-
-        self._bar = Progress(transient=True)
-        self._bar.__enter__()
-        task = self._bar.add_task(self.label, total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)

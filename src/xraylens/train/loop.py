@@ -28,6 +28,7 @@ from xraylens.errors import XraylensError
 from xraylens.evaluate.predict import ce_loss, input_kwargs, predict_logits, softmax_np
 from xraylens.io import write_csv, write_json
 from xraylens.metrics import compute_metrics, metric_selector
+from xraylens.progress import progress_bar
 from xraylens.runtime import resolve_device, seed_everything
 from xraylens.train.checkpoint import build_model, load_checkpoint, save_checkpoint
 from xraylens.train.losses import build_loss
@@ -206,7 +207,7 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
             batches = iterate_batches(train_c, cfg.train.batch_size, shuffle=True, balanced=cfg.data.balanced,
                                       seed=cfg.train.seed, epoch=epoch, drop_last=drop_last)
             n_batches = _n_batches(len(train_c.labels), cfg.train.batch_size)
-            with _progress(progress, f"epoch {epoch + 1}/{cfg.train.epochs}", n_batches) as advance:
+            with progress_bar(progress, f"epoch {epoch + 1}/{cfg.train.epochs}", n_batches, show_loss=True) as advance:
                 for x, y, _ in batches:
                     xin = to_model_input(x, device=device, channels_last=use_cl, **in_kw)
                     y = y.to(device, non_blocking=True)
@@ -296,16 +297,3 @@ def _log_tb(tb, row: dict) -> None:
         if k != "epoch" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
             tb.add_scalar(k.replace("_", "/", 1) if k.startswith(("train_", "val_")) else k, v, row["epoch"])
     tb.flush()
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str, total: int):
-    if not enabled:
-        yield lambda loss: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task(description, total=total, loss=float("nan"))
-        yield lambda loss: bar.update(task, advance=1, loss=loss)
