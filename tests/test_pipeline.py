@@ -148,3 +148,15 @@ def test_cli_localize_bad_rows_error_or_skip(tiny_run, fixture_dir, tmp_path):
     r = _cli("localize", tiny_run, "--data", fixture_dir / "cxr_bbox" / "images", "--annotations", bad,
              "--format", "yolo", ok=False)
     assert r.returncode == 2 and "--format" in r.stderr
+
+
+def test_plain_image_folder_explains_but_does_not_evaluate(tiny_run, fixture_dir, tmp_path):
+    images = fixture_dir / "cxr_bbox" / "images"
+    r = _cli("explain", tiny_run, "--data", images, "--methods", "gradcam", "--overlays", "0", "--out", tmp_path,
+             "--device", "cpu")
+    assert "explained 16 images" in r.stdout
+    assert np.load(tmp_path / "maps.npz")["gradcam"].shape == (16, 64, 64)
+    r = _cli("explain", tiny_run, "--data", images, "--target", "true", ok=False)
+    assert r.returncode == 2 and "no labels" in r.stderr
+    r = _cli("evaluate", tiny_run, "--data", images, ok=False)
+    assert r.returncode == 2 and "unlabelled" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -323,6 +323,15 @@ def _split_val(source: SourceSet, fraction: float, seed: int) -> None:
 UNLABELLED = "unlabelled"
 
 
+def is_plain_image_folder(path: str | os.PathLike) -> bool:
+    """A folder holding image files and no sub-folders (no classes, no splits)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    entries = _visible_entries(p)
+    return any(e.is_file() and is_image_file(e.name) for e in entries) and not any(e.is_dir() for e in entries)
+
+
 def load_image_folder(path: str | os.PathLike) -> SourceSet:
     """Every image under `path` as one split "all" of one class (labels unknown): for explaining or
     localising a folder of annotated images such as NIH's, through the same cache as any split."""

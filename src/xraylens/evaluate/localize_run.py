@@ -80,30 +80,6 @@ def shapes_for(keys: Sequence[str], annots: ann.AnnotationSet, geoms: Sequence[A
     return out
 
 
-def _load_images(run, data: str | Path | None, split: str):
-    """(cached split, class name per image, labelled?) through the run's preprocessing."""
-    from xraylens.data.cache import load_split
-    from xraylens.data.sources import load_image_folder
-    from xraylens.evaluate.run import load_run_split
-
-    path = Path(data) if data else None
-    if path is not None and path.is_dir() and _is_plain_image_folder(path):
-        cfg = run.config
-        source = load_image_folder(path)
-        cached = load_split(source, "all", image_size=cfg.data.image_size, center_crop=cfg.data.center_crop,
-                            cache_dir=cfg.data.cache_dir, workers=cfg.data.workers)
-        return cached, False
-    _, cached = load_run_split(run, data, split)
-    return cached, True
-
-
-def _is_plain_image_folder(path: Path) -> bool:
-    from xraylens.data.sources import is_image_file
-
-    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
-    return any(e.is_file() and is_image_file(e) for e in entries) and not any(e.is_dir() for e in entries)
-
-
 def localize_run(run_dir: str | Path, *, annotations: str | Path, fmt: str, data: str | Path | None = None,
                  split: str = "test", methods: str | Sequence[str] = ("gradcam",), layers: Sequence[str] | None = None,
                  combine: str | None = None, target: str | int = "pred", tolerance: float = 15.0,
@@ -116,15 +92,16 @@ def localize_run(run_dir: str | Path, *, annotations: str | Path, fmt: str, data
     `ref_size` (width, height): the image size the annotation coordinates refer to, when the image
     files were resized after annotation (e.g. NIH boxes drawn at 1024 px on 256 px copies)."""
     from xraylens.evaluate.faithfulness import deletion_insertion
-    from xraylens.explain.run import iter_cams, parse_methods
+    from xraylens.evaluate.run import load_run_split
+    from xraylens.explain.run import check_target, iter_cams, parse_methods
     from xraylens.train.checkpoint import load_run
 
     run = load_run(run_dir, which=which, device=device)
     method_list = parse_methods(methods)
     annots = read_annotations(annotations, fmt, skip_bad)
-    cached, labelled = _load_images(run, data, split)
-    if not labelled and target == "true":
-        raise XraylensError("--target true needs labelled data (class folders); this image folder has no labels")
+    source, cached = load_run_split(run, data, split)
+    labelled = source.kind != "images"
+    check_target(target, labelled)
     keys = match_keys(cached.ids, annots)
     indices = np.array([i for i, k in enumerate(keys) if k is not None], dtype=np.int64)
     if len(indices) == 0:

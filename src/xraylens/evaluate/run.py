@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from xraylens.data.cache import load_split
-from xraylens.data.sources import load_source
+from xraylens.data.sources import is_plain_image_folder, load_image_folder, load_source
 from xraylens.errors import XraylensError
 from xraylens.evaluate.predict import ce_loss, predict_logits, softmax_np
 from xraylens.io import write_csv, write_json
@@ -17,17 +17,23 @@ from xraylens.train.checkpoint import LoadedRun, load_run
 
 
 def load_run_split(run: LoadedRun, data: str | Path | None, split: str, progress: bool = False):
-    """A split of `data` (default: the run's training data) through the run's own preprocessing."""
+    """A split of `data` (default: the run's training data) through the run's own preprocessing.
+
+    A plain folder of images (no class folders) is one unlabelled split "all" (`source.kind == "images"`),
+    whatever `split` says: explain and localize accept it, evaluate does not."""
     cfg = run.config
     data = data or cfg.data.path
+    kw = dict(image_size=cfg.data.image_size, center_crop=cfg.data.center_crop, cache_dir=cfg.data.cache_dir,
+              workers=cfg.data.workers, progress=progress)
+    if is_plain_image_folder(data):
+        source = load_image_folder(data)
+        return source, load_split(source, "all", **kw)
     source = load_source(data, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
     if split not in source.splits:
         raise XraylensError(f"{data} has no {split!r} split (found: {', '.join(source.splits)}); pick one with --split")
     if list(source.classes) != list(cfg.classes):
         raise XraylensError(f"classes of {data} {source.classes} differ from the run's {cfg.classes}")
-    cached = load_split(source, split, image_size=cfg.data.image_size, center_crop=cfg.data.center_crop,
-                        cache_dir=cfg.data.cache_dir, workers=cfg.data.workers, progress=progress)
-    return source, cached
+    return source, load_split(source, split, **kw)
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str = "test", *,
@@ -36,7 +42,10 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, split: str
     """Write `metrics-<split>.json` and `predictions-<split>.csv` into `out` (default: the run dir)."""
     run = load_run(run_dir, which=which, device=device)
     cfg = run.config
-    _, cached = load_run_split(run, data, split, progress=progress)
+    source, cached = load_run_split(run, data, split, progress=progress)
+    if source.kind == "images":
+        raise XraylensError(f"{data} is a folder of unlabelled images: evaluate needs class folders "
+                            "(or a CSV manifest); use predict, explain or localize on it")
     logits = predict_logits(run.model, cached, cfg, run.device)
     probs = softmax_np(logits)
     metrics = compute_metrics(cached.labels, probs, cfg.classes, positive=positive,

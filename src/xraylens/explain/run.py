@@ -60,6 +60,12 @@ def parse_target(target: str | int, classes: Sequence[str]) -> str | int:
     return t
 
 
+def check_target(target: str | int, labelled: bool) -> None:
+    if target == "true" and not labelled:
+        raise XraylensError("--target true needs labelled data (class folders); these images have no labels: "
+                            "use pred or a class")
+
+
 def pick_indices(n: int, limit: int | None) -> np.ndarray:
     """All images, or `limit` of them spread evenly over the split (cache order is by class)."""
     if not limit or limit >= n:
@@ -95,7 +101,8 @@ def explain_run(run_dir: str | Path, data: str | Path | None = None, split: str 
 
     run = load_run(run_dir, which=which, device=device)
     method_list = parse_methods(methods)
-    _, cached = load_run_split(run, data, split)
+    source, cached = load_run_split(run, data, split)
+    check_target(target, source.kind != "images")
     indices = pick_indices(len(cached.labels), limit)
     out = Path(out) if out else run.run_dir / "cams"
 
