@@ -143,7 +143,10 @@ def test_cli_train_evaluate_predict_and_errors(fixture_dir, tmp_path):
     r = subprocess.run(py + ["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert [int(h["epoch"]) for h in _history(run)] == [1, 2]
+    hist = _history(run)
+    assert [int(h["epoch"]) for h in hist] == [1, 2]
+    # the default cosine schedule is stretched over the new length: epoch 2 of 2 starts at half the lr
+    assert float(hist[1]["lr"]) == pytest.approx(0.5 * float(hist[0]["lr"]), rel=1e-6)
     img = sorted((fixture_dir / "pneumonia" / "NORMAL").iterdir())[0]
     r = subprocess.run(py + ["predict", str(run), str(img)], capture_output=True, text=True)
     assert r.returncode == 0 and ("NORMAL" in r.stdout or "PNEUMONIA" in r.stdout)

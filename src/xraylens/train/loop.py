@@ -174,10 +174,11 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
         model.load_state_dict(ckpt["model"])
         if ckpt.get("optimizer"):
             opt.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scheduler"):
-            sched.load_state_dict(ckpt["scheduler"])
         state.update(ckpt.get("state") or {})
         start_epoch = int(ckpt["epoch"])
+        if ckpt.get("scheduler"):
+            sched.load_state_dict(ckpt["scheduler"])
+            _stretch_cosine(sched, opt, cfg.train.epochs, start_epoch)
         if start_epoch >= cfg.train.epochs:
             log.info("%s already finished %d/%d epochs; pass --epochs N to extend it", out, start_epoch,
                      cfg.train.epochs)
@@ -271,6 +272,19 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
 
 class _SimulatedCrash(RuntimeError):
     pass
+
+
+def _stretch_cosine(sched, opt: torch.optim.Optimizer, epochs: int, done: int) -> None:
+    """A run extended with more epochs continues its cosine schedule over the new length (the saved
+    state would otherwise restart the cosine at lr 0): set T_max and the closed-form lr for `done`."""
+    if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) or sched.T_max == max(1, epochs):
+        return
+    sched.T_max = max(1, epochs)
+    lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * done / sched.T_max)) / 2
+           for base in sched.base_lrs]
+    for group, lr in zip(opt.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    sched._last_lr = lrs  # what get_last_lr() reports; step() continues from the groups' lr
 
 
 def _n_batches(n: int, bs: int) -> int:
