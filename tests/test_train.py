@@ -173,3 +173,16 @@ def _clean_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("XRAYLENS_CACHE", str(tmp_path / "cache"))
     yield
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_unreadable_training_files_are_skipped_counted_and_reported(fixture_dir, tmp_path, caplog):
+    data = tmp_path / "pneumonia"
+    shutil.copytree(fixture_dir / "pneumonia", data)
+    (data / "NORMAL" / "broken.jpeg").write_text("not a jpeg")
+    (data / "PNEUMONIA" / "empty.png").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="xraylens.train"):
+        train(_cfg(data, **{"train.epochs": 1}), tmp_path / "run", progress=False)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    skipped = report["splits"]["train"]["skipped"] + report["splits"]["val"]["skipped"]
+    assert sorted(s["id"] for s in skipped) == ["NORMAL/broken.jpeg", "PNEUMONIA/empty.png"]
+    assert "unreadable file(s) skipped" in caplog.text

@@ -107,6 +107,11 @@ def load_data(cfg: RunConfig, progress: bool = False):
               progress=progress)
     train = load_split(source, d.train_split, **kw)
     val = load_split(source, d.val_split, **kw)
+    for name, c in ((d.train_split, train), (d.val_split, val)):
+        if c.skipped:
+            first_id, why = c.skipped[0]
+            log.warning("%s: %d unreadable file(s) skipped (first: %s: %s); all listed in data_report.json",
+                        name, len(c.skipped), first_id, why)
     report = {
         "source": str(d.path),
         "kind": source.kind,
