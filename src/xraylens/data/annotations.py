@@ -36,9 +36,7 @@ from xraylens.errors import XraylensError
 
 
 @dataclass(frozen=True)
-class Rectangle:
-    """Axis-aligned box [x0, x1] x [y0, y1] (x = column, y = row), original-image coordinates."""
-
+class _Box:
     x0: float
     y0: float
     x1: float
@@ -51,18 +49,13 @@ class Rectangle:
 
 
 @dataclass(frozen=True)
-class Ellipse:
+class Rectangle(_Box):
+    """Axis-aligned box [x0, x1] x [y0, y1] (x = column, y = row), original-image coordinates."""
+
+
+@dataclass(frozen=True)
+class Ellipse(_Box):
     """The axis-aligned ellipse inscribed in the box [x0, x1] x [y0, y1] (object-CXR type 1)."""
-
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    label: str | None = None
-
-    @property
-    def bbox(self) -> tuple[float, float, float, float]:
-        return (self.x0, self.y0, self.x1, self.y1)
 
 
 @dataclass(frozen=True)
