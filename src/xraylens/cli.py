@@ -27,6 +27,14 @@ RunArg = Annotated[Path, typer.Argument(help="Run directory written by `xraylens
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Dataset: folder splits, CSV manifest or .npz. "
                                               "Default: the data the run was trained on.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+MethodsOpt = Annotated[str, typer.Option("--methods", help="Comma list: gradcam, gradcam++, xgradcam, layercam, "
+                                         "hirescam, eigencam, scorecam, normgrad-scaling, normgrad-conv1x1, "
+                                         "normgrad-conv3x3.")]
+LayersOpt = Annotated[str | None, typer.Option("--layers", help="Comma list of module names "
+                                               "(default: the model's CAM layers).")]
+CombineOpt = Annotated[str | None, typer.Option("--combine", help="mean, max or product over layers "
+                                                "(default: product for NormGrad, mean otherwise).")]
+TargetOpt = Annotated[str, typer.Option("--target", help="pred, true, or a class name/index.")]
 
 
 def _methods(text: str) -> list[str]:
@@ -155,14 +163,10 @@ def explain(
     run: RunArg,
     data: DataOpt = None,
     split: Annotated[str, typer.Option("--split", help="Split to explain.")] = "test",
-    methods: Annotated[str, typer.Option("--methods", help="Comma list: gradcam, gradcam++, xgradcam, layercam, "
-                                         "hirescam, eigencam, scorecam, normgrad-scaling, normgrad-conv1x1, "
-                                         "normgrad-conv3x3.")] = "gradcam",
-    layers: Annotated[str | None, typer.Option("--layers", help="Comma list of module names "
-                                               "(default: the model's CAM layers).")] = None,
-    combine: Annotated[str | None, typer.Option("--combine", help="mean, max or product over layers "
-                                                "(default: product for NormGrad, mean otherwise).")] = None,
-    target: Annotated[str, typer.Option("--target", help="pred, true, or a class name/index.")] = "pred",
+    methods: MethodsOpt = "gradcam",
+    layers: LayersOpt = None,
+    combine: CombineOpt = None,
+    target: TargetOpt = "pred",
     score: Annotated[str, typer.Option("--score", help="Back-propagate the target's logit or prob.")] = "logit",
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: RUN/cams).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Explain N images spread over the split.")] = None,
@@ -195,10 +199,10 @@ def localize(
     image: Annotated[Path | None, typer.Option("--image", help="Single-image mode: print the result and "
                                                "write an overlay with the annotation and peak marked.")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of --data (ignored for a plain folder).")] = "test",
-    methods: Annotated[str, typer.Option("--methods", help="Comma list of CAM methods.")] = "gradcam",
-    layers: Annotated[str | None, typer.Option("--layers", help="Comma list of module names.")] = None,
-    combine: Annotated[str | None, typer.Option("--combine", help="mean, max or product over layers.")] = None,
-    target: Annotated[str, typer.Option("--target", help="pred, true, or a class name/index.")] = "pred",
+    methods: MethodsOpt = "gradcam",
+    layers: LayersOpt = None,
+    combine: CombineOpt = None,
+    target: TargetOpt = "pred",
     tolerance: Annotated[float, typer.Option("--tolerance", help="Pointing-game tolerance, original pixels.")] = 15.0,
     smooth: Annotated[float, typer.Option("--smooth", help="Gaussian sigma (input pixels) before the peak.")] = 0.0,
     percentile: Annotated[float, typer.Option("--percentile", help="IoU of the map above this percentile.")] = 90.0,
