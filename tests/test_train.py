@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,3 +187,38 @@ def test_unreadable_training_files_are_skipped_counted_and_reported(fixture_dir,
     skipped = report["splits"]["train"]["skipped"] + report["splits"]["val"]["skipped"]
     assert sorted(s["id"] for s in skipped) == ["NORMAL/broken.jpeg", "PNEUMONIA/empty.png"]
     assert "unreadable file(s) skipped" in caplog.text
+
+
+def _fixture_rows(fixture_dir):
+    root = fixture_dir / "knee_kl"
+    return [(p, c.name) for c in sorted(root.iterdir()) for p in sorted(c.iterdir())]
+
+
+def test_train_and_evaluate_from_a_csv_manifest(fixture_dir, tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "age"])
+        for p, c in _fixture_rows(fixture_dir):
+            w.writerow([p, f"KL{c}", 50])
+    run = tmp_path / "run"
+    train(_cfg(manifest, **{"train.epochs": 1}), run, progress=False)
+    assert RunConfig.load(run / "config.yaml").classes == ["KL0", "KL1", "KL2", "KL3", "KL4"]
+    assert evaluate_run(run, split="val")["n_images"] > 0
+
+
+def test_train_and_evaluate_from_a_medmnist_npz(fixture_dir, tmp_path):
+    from PIL import Image
+
+    rows = _fixture_rows(fixture_dir)
+    imgs = np.stack([np.asarray(Image.open(p).convert("L").resize((28, 28))) for p, _ in rows])
+    labels = np.array([int(c) for _, c in rows])[:, None]
+    order = np.random.default_rng(0).permutation(len(rows))
+    parts = {"train": order[:24], "val": order[24:32], "test": order[32:]}
+    npz = tmp_path / "knee28.npz"
+    arrays = {f"{k}_images": imgs[v] for k, v in parts.items()} | {f"{k}_labels": labels[v] for k, v in parts.items()}
+    np.savez(npz, **arrays)
+    run = tmp_path / "run"
+    train(_cfg(npz, **{"train.epochs": 1, "data.image_size": 28}), run, progress=False)
+    m = evaluate_run(run, split="test")
+    assert m["n_images"] == 8 and len(m["confusion_matrix"]) == 5  # 40 images: 24 train, 8 val, 8 test
