@@ -126,9 +126,11 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str] | str | None) -> lis
     for name in layers:
         if name not in names:
             close = [n for n in names if n and (name in n or n.endswith(name.split(".")[-1]))][:5]
+            # otherwise suggest the default CAM layers and the top-level conv stages, not the classifier
+            top = [n for n, m in model.named_children() if any(isinstance(c, nn.Conv2d) for c in m.modules())]
+            hint = close or [*getattr(model, "default_cam_layers", []), *top][:6]
             raise XraylensError(
-                f"layer {name!r} not found in {type(model).__name__}; pass a module name such as "
-                f"{close or list(names)[-5:]}"
+                f"layer {name!r} not found in {type(model).__name__}; pass a module name such as {hint}"
             )
     return list(layers)
 
