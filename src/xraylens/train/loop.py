@@ -160,11 +160,15 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
     if k < 2:
         raise XraylensError(f"need at least 2 classes, found {cfg.classes} in {cfg.data.path}")
 
+    counts = np.bincount(train_c.labels, minlength=k)
+    log.info("%s: %d classes %s; train %d images (%s), %s %d; model %s on %s", cfg.data.path, k, cfg.classes,
+             len(train_c.labels), ", ".join(f"{c}={n}" for c, n in zip(cfg.classes, counts, strict=True)),
+             cfg.data.val_split, len(val_c.labels), cfg.model.name, device)
     model = build_model(cfg, weights=ckpt is None).to(device)
     use_cl = cfg.train.channels_last and device.type == "cuda"
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    class_counts = np.bincount(train_c.labels, minlength=k).tolist()
+    class_counts = counts.tolist()
     loss_fn = build_loss(cfg.train.loss, k, class_counts=class_counts, gamma=cfg.train.focal_gamma,
                          alpha=cfg.train.focal_alpha).to(device)
     opt = build_optimizer(model, cfg)
