@@ -222,3 +222,17 @@ def test_train_and_evaluate_from_a_medmnist_npz(fixture_dir, tmp_path):
     train(_cfg(npz, **{"train.epochs": 1, "data.image_size": 28}), run, progress=False)
     m = evaluate_run(run, split="test")
     assert m["n_images"] == 8 and len(m["confusion_matrix"]) == 5  # 40 images: 24 train, 8 val, 8 test
+
+
+def test_config_mistakes_fail_before_any_decoding(fixture_dir, tmp_path, monkeypatch):
+    import xraylens.data.cache as cache
+
+    def no_decoding(*a, **k):
+        raise AssertionError("data was loaded before the config was checked")
+
+    monkeypatch.setattr(cache, "prepare_image", no_decoding)
+    for over, words in (({"model.name": "nonet"}, "unknown model"), ({"train.loss": "dice"}, "unknown loss"),
+                        ({"train.optimizer": "lion"}, "unknown optimizer"), ({"train.schedule": "poly"}, "schedule"),
+                        ({"train.select": "f1 ** 2"}, "selector")):
+        with pytest.raises(XraylensError, match=words):
+            train(_cfg(fixture_dir / "pneumonia", **over), tmp_path / "x", progress=False)

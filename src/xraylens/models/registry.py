@@ -84,6 +84,15 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def model_key(name: str) -> str:
+    """The registry key for `name` (case and '-'/'_' folded); a one-line error listing names if unknown."""
+    _load_families()
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise XraylensError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return key
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -105,10 +114,7 @@ def create_model(
     """
     from xraylens.models import heads, weights  # late: they import this module
 
-    _load_families()
-    key = name.lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise XraylensError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    key = model_key(name)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise XraylensError(f"num_classes must be a positive integer, got {num_classes!r}")
     if in_chans not in (1, 3):

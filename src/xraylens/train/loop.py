@@ -31,7 +31,7 @@ from xraylens.metrics import compute_metrics, metric_selector
 from xraylens.progress import progress_bar
 from xraylens.runtime import resolve_device, seed_everything
 from xraylens.train.checkpoint import build_model, load_checkpoint, save_checkpoint
-from xraylens.train.losses import build_loss
+from xraylens.train.losses import build_loss, loss_key
 
 log = logging.getLogger("xraylens.train")
 
@@ -48,33 +48,53 @@ class TrainResult:
     val_metrics: dict[str, Any]
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd", "radam")
+SCHEDULES = ("cosine", "step", "none")
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Names and expressions that would otherwise fail only after the data is decoded (minutes on a
+    real dataset): check them first."""
+    from xraylens.models.registry import model_key
+
+    model_key(cfg.model.name)
+    loss_key(cfg.train.loss)
+    _choose("optimizer", cfg.train.optimizer, OPTIMIZERS)
+    _choose("schedule", cfg.train.schedule, SCHEDULES)
+    metric_selector(cfg.train.select)
+    resolve_device(cfg.train.device)
+
+
+def _choose(kind: str, value: str, options: tuple[str, ...]) -> str:
+    v = value.lower()
+    if v not in options:
+        raise XraylensError(f"unknown {kind} {value!r}; use {', '.join(options)}")
+    return v
+
+
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise XraylensError("no trainable parameters: raise model.train_last or leave it unset")
-    name = t.optimizer.lower()
+    name = _choose("optimizer", t.optimizer, OPTIMIZERS)
     if name == "adam":
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     if name == "radam":
         return torch.optim.RAdam(params, lr=t.lr, weight_decay=t.weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=True)
-    raise XraylensError(f"unknown optimizer {t.optimizer!r}; use adam, adamw, sgd or radam")
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=True)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig):
     t = cfg.train
-    name = t.schedule.lower()
+    name = _choose("schedule", t.schedule, SCHEDULES)
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, t.epochs))
     if name == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, t.step_size), gamma=t.step_gamma)
-    if name == "none":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    raise XraylensError(f"unknown schedule {t.schedule!r}; use cosine, step or none")
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # "none"
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -150,6 +170,7 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
     if not cfg.data.path:
         raise XraylensError("no data given: pass --data DIR (folder splits, a CSV manifest or an .npz)")
 
+    check_config(cfg)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     source, train_c, val_c, report = load_data(cfg, progress=progress)

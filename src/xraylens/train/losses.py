@@ -149,6 +149,14 @@ class OneHotBCELoss(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, onehot, pos_weight=pw)
 
 
+def loss_key(name: str) -> str:
+    """The canonical name for `name` ('_' or '-'); a one-line error listing the losses if unknown."""
+    key = name.strip().lower().replace("_", "-")
+    if key not in LOSSES:
+        raise XraylensError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+    return key
+
+
 def build_loss(
     name: str,
     num_classes: int,
@@ -157,7 +165,7 @@ def build_loss(
     alpha: AlphaLike = None,
 ) -> nn.Module:
     """The loss called `name` for a K-class task; `class_counts` feeds the weighted variants."""
-    key = name.strip().lower().replace("_", "-")
+    key = loss_key(name)
     if num_classes < 2:
         raise XraylensError(
             f"a classifier needs at least 2 classes, got {num_classes}; check the data folders"
@@ -175,6 +183,4 @@ def build_loss(
         return FocalLoss(num_classes, gamma=gamma, alpha=alpha)
     if key == "focal-seed":
         return SeedFocalLoss(num_classes, class_counts=class_counts, gamma=gamma, alpha=alpha)
-    if key == "bce":
-        return OneHotBCELoss(num_classes)
-    raise XraylensError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+    return OneHotBCELoss(num_classes)  # "bce", the last of LOSSES
