@@ -213,6 +213,9 @@ def test_real_fixture_shapes_through_geometry(fixture_dir):
     r_inst = pointing_game(maps, instance_masks=inst, tolerance=15, scale=scale)
     r_all = pointing_game(maps, instance_masks=inst, tolerance=15, scale=scale, mode="all")
     assert torch.equal(r_any.hit, r_inst.hit) and bool((r_all.hit <= r_any.hit).all())
+    # the "all" verdict comes with every call on instances, equal to a separate mode="all" call
+    assert torch.equal(r_inst.hit_all, r_all.hit) and torch.equal(r_all.hit_all, r_all.hit)
+    assert r_any.hit_all.isnan().all()  # a union mask cannot tell its instances apart
     assert not r_any.skipped.any()
     # the ellipse image (bbox 9 62 71 83): its centre is annotated, the bbox corner is not
     e = ann["00014253_010.png"].shapes[0]

@@ -44,6 +44,9 @@ class PointingResult:
     peak: torch.Tensor  # int64 [B, 2]: (row, col) of the peak pixel on the input grid
     constant: torch.Tensor  # bool: the map is constant (reported as a miss)
     skipped: torch.Tensor  # bool: no annotation on this image
+    # float32: the "all" verdict from the same peak and distances (every instance touched), whatever
+    # `mode` was; NaN where skipped, or everywhere when a union mask cannot tell instances apart
+    hit_all: torch.Tensor
 
     @property
     def accuracy(self) -> float:
@@ -230,18 +233,21 @@ def pointing_game(
             d[sl] = d2.masked_fill(~mk, math.inf).amin(dim=(-2, -1)).sqrt()
             valid[sl] = mk.flatten(2).any(-1)
 
-    inf = torch.full_like(d, math.inf)
-    if mode == "any":
-        dist = torch.where(valid, d, inf).amin(-1)
-    else:
-        dist = torch.where(valid, d, torch.zeros_like(d)).amax(-1)
+    dist_any = torch.where(valid, d, torch.full_like(d, math.inf)).amin(-1)
+    dist_all = torch.where(valid, d, torch.zeros_like(d)).amax(-1)
     skipped = ~valid.any(-1)
     eps = 1e-6 * (1.0 + tolerance)  # float error in the scale division must not flip a border hit
-    hit = (dist <= tolerance + eps).float()
-    hit = torch.where(constant, torch.zeros_like(hit), hit)
-    hit = torch.where(skipped, torch.full_like(hit, math.nan), hit)
-    dist = torch.where(skipped | constant, torch.full_like(dist, math.nan), dist).float()
-    return PointingResult(hit, dist, torch.stack([pr, pc], -1), constant, skipped)
+    nan = torch.full_like(dist_any, math.nan)
+
+    def verdict(dist: torch.Tensor) -> torch.Tensor:
+        hit = torch.where(constant, 0.0, (dist <= tolerance + eps).float())
+        return torch.where(skipped, nan, hit)
+
+    dist = dist_any if mode == "any" else dist_all
+    hit = verdict(dist)
+    hit_all = verdict(dist_all) if instance_masks is not None or boxes_t is not None else nan
+    dist = torch.where(skipped | constant, nan, dist).float()
+    return PointingResult(hit, dist, torch.stack([pr, pc], -1), constant, skipped, hit_all)
 
 
 # -------------------------------------------------------------------------------------------- energy

@@ -131,8 +131,6 @@ def localize_run(run_dir: str | Path, *, annotations: str | Path, fmt: str, data
         for m in names:
             maps = batch_maps[m]
             pg = loc.pointing_game(maps, instance_masks=inst, tolerance=tolerance, scale=scale, smooth_sigma=smooth)
-            pg_all = loc.pointing_game(maps, instance_masks=inst, tolerance=tolerance, scale=scale,
-                                       smooth_sigma=smooth, mode="all")
             energy = loc.energy_pointing_game(maps, masks=union)
             iou = loc.iou_at_percentile(maps, union, percentile)
             ratio = loc.mask_energy_ratio(maps, union).area_normalised if fmt == "masks" else None
@@ -145,7 +143,7 @@ def localize_run(run_dir: str | Path, *, annotations: str | Path, fmt: str, data
             for j, i in enumerate(idx):
                 # peak pixel centre (col + .5, row + .5) back to original-image (x, y)
                 px, py = geoms[j].to_original(np.array([peaks[j, 1] + 0.5, peaks[j, 0] + 0.5]))
-                rows.append([cached.ids[i], cls[j], m, _v(pg.hit[j]), _v(pg_all.hit[j]), _v(pg.distance[j]),
+                rows.append([cached.ids[i], cls[j], m, _v(pg.hit[j]), _v(pg.hit_all[j]), _v(pg.distance[j]),
                              round(float(px), 2), round(float(py), 2), _v(energy[j]), _v(iou[j]),
                              _v(ratio[j]) if ratio is not None else "", int(pg.constant[j]),
                              _v(dele[j]) if dele is not None else "", _v(ins[j]) if ins is not None else ""])
