@@ -341,21 +341,14 @@ def _combine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     ups = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in per_layer]
     if len(ups) == 1:
-        if normalize:
-            return minmax_normalize(ups[0])
-        flat = torch.nan_to_num(ups[0])
-        _, const = minmax_normalize(flat)
-        return torch.where(const[:, None, None, None], 0.0, flat), const
-    # several layers: bring each to [0, 1] first, so no layer dominates by its scale
-    stack = torch.stack([minmax_normalize(u)[0] for u in ups])
-    if how == "mean":
-        out = stack.mean(0)
-    elif how == "max":
-        out = stack.amax(0)
+        out = ups[0]
     else:
-        out = stack.prod(0)
+        # several layers: bring each to [0, 1] first, so no layer dominates by its scale
+        stack = torch.stack([minmax_normalize(u)[0] for u in ups])
+        out = stack.mean(0) if how == "mean" else stack.amax(0) if how == "max" else stack.prod(0)
     if normalize:
         return minmax_normalize(out)
+    out = torch.nan_to_num(out)
     _, const = minmax_normalize(out)
     return torch.where(const[:, None, None, None], 0.0, out), const
 
