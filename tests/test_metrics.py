@@ -6,7 +6,7 @@ import pytest
 from sklearn import metrics as skm
 
 from xraylens.errors import XraylensError
-from xraylens.metrics import compute_metrics, metric_selector
+from xraylens.metrics import LEGACY_ALIASES, checked_score, compute_metrics, metric_selector
 
 
 def _probs_for(pred, k, rng):
@@ -45,7 +45,7 @@ def test_binary_against_sklearn_and_positive_override():
     pred = probs.argmax(1)
     m = compute_metrics(y, probs, ["neg", "pos"])
     assert m["auc"] == pytest.approx(skm.roc_auc_score(y, probs[:, 1]))
-    assert m["f1"] == pytest.approx(skm.f1_score(y, pred, average="weighted"))
+    assert m["f1_weighted"] == pytest.approx(skm.f1_score(y, pred, average="weighted"))
     assert m["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
     assert m["f2"] == pytest.approx(skm.fbeta_score(y, pred, beta=2))
     assert m["f05"] == pytest.approx(skm.fbeta_score(y, pred, beta=0.5))
@@ -68,7 +68,7 @@ def test_multiclass_against_sklearn():
     m = compute_metrics(y, probs, [str(i) for i in range(k)])
     assert m["positive"] is None
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
-    for avg, suffix in (("weighted", ""), ("macro", "_macro")):
+    for avg, suffix in (("weighted", "_weighted"), ("macro", "_macro")):
         assert m["precision" + suffix] == pytest.approx(
             skm.precision_score(y, pred, average=avg, zero_division=0)
         )
@@ -170,3 +170,131 @@ def test_selector_on_real_metrics():
     m = compute_metrics(y, probs, ["n", "p"], loss=0.4)
     assert metric_selector("f05 + 2*sensitivity")(m) == pytest.approx(m["f05"] + 1.0)
     assert metric_selector("loss")(m) == pytest.approx(-0.4)
+
+
+def _reference(y, probs, k):
+    """Textbook formulas from raw counts, independent of sklearn (which compute_metrics now uses)."""
+    pred = probs.argmax(1)
+    n = len(y)
+    cm = np.zeros((k, k), int)
+    for t, q in zip(y, pred, strict=True):
+        cm[t, q] += 1
+    out = {"precision": [], "recall": [], "f1": [], "spec": [], "auc": []}
+    for c in range(k):
+        tp, fp, fn = cm[c, c], cm[:, c].sum() - cm[c, c], cm[c].sum() - cm[c, c]
+        tn = n - tp - fp - fn
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        out["precision"].append(p)
+        out["recall"].append(r)
+        out["f1"].append(2 * p * r / (p + r) if p + r else 0.0)
+        out["spec"].append(tn / (tn + fp) if tn + fp else 0.0)
+        pos, neg = probs[y == c, c], probs[y != c, c]
+        # AUC = P(score of a positive > score of a negative), ties count half
+        pairs = [(a > b) + 0.5 * (a == b) for a in pos for b in neg]
+        out["auc"].append(float(np.mean(pairs)) if len(pos) and len(neg) else None)
+    i = np.arange(k)
+    w = (i[:, None] - i[None, :]) ** 2
+    expected = np.outer(cm.sum(1), cm.sum(0)) / n
+    out["qwk"] = 1 - (w * cm).sum() / (w * expected).sum()
+    out["cm"] = cm
+    out["support"] = cm.sum(1)
+    return out
+
+
+def test_multiclass_against_textbook_formulas_with_absent_and_unpredicted_classes():
+    rng = np.random.default_rng(7)
+    k, n = 5, 120
+    y = rng.choice([0, 1, 2, 4], n)  # class 3 never occurs in y_true
+    pred = np.where(rng.random(n) < 0.5, y, rng.choice([0, 1, 3], n))  # class 2 and 4 predicted only if right
+    probs = _probs_for(pred, k, rng)
+    ref = _reference(y, probs, k)
+    m = compute_metrics(y, probs, list("abcde"))
+    wts = ref["support"] / n
+    for name in ("precision", "recall", "f1"):
+        assert m[f"{name}_weighted"] == pytest.approx(float(np.dot(ref[name], wts)))
+        assert m[f"{name}_macro"] == pytest.approx(float(np.mean(ref[name])))
+        assert m[name] == m[f"{name}_weighted"]  # old key kept as a copy
+        for c, cls in enumerate("abcde"):
+            assert m["per_class"][cls][name] == pytest.approx(ref[name][c])
+    assert m["specificity"] == pytest.approx(float(np.mean(ref["spec"])))
+    assert m["qwk"] == pytest.approx(ref["qwk"])
+    assert m["confusion_matrix"] == ref["cm"].tolist()
+    assert m["per_class"]["d"]["precision"] == 0.0 and m["per_class"]["d"]["recall"] == 0.0
+    assert m["auc"] is None and "d" in m["auc_note"]
+    for c, cls in enumerate("abcde"):
+        assert m["per_class"][cls]["auc"] == pytest.approx(ref["auc"][c])
+    json.dumps(m, allow_nan=False)
+    for v in (m["accuracy"], m["f1_weighted"], m["qwk"], m["per_class"]["a"]["auc"]):
+        assert type(v) is float  # plain floats, not numpy scalars
+
+
+def test_binary_auc_against_pair_counting_with_ties():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    p1 = np.round(rng.random(60) * 0.5 + 0.4 * y, 1)  # coarse scores: many ties
+    probs = np.stack([1 - p1, p1], 1)
+    ref = _reference(y, probs, 2)
+    m = compute_metrics(y, probs, ["n", "p"])
+    assert m["auc"] == pytest.approx(ref["auc"][1])
+    assert compute_metrics(y, probs, ["n", "p"], positive=0)["auc"] == pytest.approx(ref["auc"][0])
+
+
+def test_nonfinite_probs_are_refused():
+    probs = np.array([[0.5, 0.5], [np.nan, np.nan], [0.2, 0.8]])
+    with pytest.raises(XraylensError, match="1 of 3 rows"):
+        compute_metrics([0, 1, 1], probs, ["a", "b"])
+
+
+def test_old_metric_names_select_the_weighted_metrics():
+    y = np.array([0, 1, 2, 2, 1, 0, 2])
+    probs = _probs_for(np.array([0, 2, 2, 1, 1, 0, 2]), 3, np.random.default_rng(0))
+    m = compute_metrics(y, probs, ["x", "y", "z"])
+    assert set(LEGACY_ALIASES) == {"f1", "precision", "recall"}
+    for old, new in LEGACY_ALIASES.items():
+        assert m[old] == m[new]
+        assert metric_selector(old)(m) == m[new]
+        new_dict = {k: v for k, v in m.items() if k not in LEGACY_ALIASES}  # a reader that drops the copies
+        assert metric_selector(old)(new_dict) == m[new]
+        old_dict = {k: v for k, v in m.items() if k not in LEGACY_ALIASES.values()}  # metrics-*.json of before
+        assert metric_selector(new)(old_dict) == m[new]
+    assert metric_selector("f1 - f1_weighted")(m) == 0.0
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "accuracy/0",
+        "accuracy / (f1 - f1_weighted)",  # the same metric under both names
+        "f2 / (qwk - qwk)",
+        "1e999 * f2",
+        "1e999 - 1e999 + f1",
+        "1" + "0" * 400 + " * accuracy",  # int too large for a float
+    ],
+)
+def test_selector_rejects_never_finite(expr):
+    with pytest.raises(XraylensError, match="non-finite") as e:
+        metric_selector(expr)
+    assert repr(expr) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "expr",
+    ["accuracy / (qwk - 0.5)", "f1_macro / (f1_weighted - f2)", "1 / accuracy", "accuracy / (1 - accuracy)"],
+)
+def test_selector_accepts_expressions_finite_somewhere(expr):
+    metric_selector(expr)
+
+
+def test_checked_score():
+    sel = metric_selector("accuracy - loss")
+    assert checked_score(sel, METRICS, epoch=1) == pytest.approx(0.55)
+    assert checked_score(metric_selector("auc"), METRICS, epoch=1) == -math.inf  # undefined: never preferred
+    assert checked_score(metric_selector("loss"), {"loss": math.inf}) == -math.inf  # diverged: worst, not wrong
+    with pytest.raises(XraylensError, match=r"'accuracy\*loss' gave inf at epoch 3 \(from accuracy=0.8, loss=inf\)"):
+        checked_score(metric_selector("accuracy*loss"), {"accuracy": 0.8, "loss": math.inf}, epoch=3)
+    with pytest.raises(XraylensError, match="gave nan at epoch 2"):
+        checked_score(metric_selector("accuracy*loss - loss"), {"accuracy": 0.8, "loss": math.inf}, epoch=2)
+    # an old name shows the key it read; without an epoch the message has none
+    with pytest.raises(XraylensError, match=r"^selector 'f1 \+ f2' gave inf \(from f1_weighted=inf, f2=0.5\);"):
+        checked_score(metric_selector("f1 + f2"), {"f1_weighted": math.inf, "f2": 0.5})

@@ -3,13 +3,15 @@
 `compute_metrics` returns one flat, JSON-serialisable dict (plain floats / ints / None / lists):
 
   accuracy
-  precision, recall, f1                      weighted by support (sklearn average="weighted")
+  precision_weighted, recall_weighted, f1_weighted
+              mean over classes weighted by support (sklearn average="weighted")
   precision_macro, recall_macro, f1_macro    unweighted mean over classes
   f05, f2     binary: of the positive class; multi-class: weighted by support
   sensitivity, specificity
               binary: of the positive class; multi-class: macro mean of one-vs-rest values
               (per-class values are in per_class)
-  qwk         quadratic weighted Cohen kappa over the class indices (ordinal grades, e.g. KL 0-4)
+  qwk         quadratic weighted Cohen kappa over the class indices (ordinal grades, e.g. KL 0-4);
+              None when undefined (truth and prediction all one class)
   auc         binary: ROC AUC of the positive-class probability; multi-class: one-vs-rest macro.
               None when a class is missing from y_true, with the reason in auc_note
   loss        as passed in (None if not given)
@@ -17,6 +19,14 @@
   per_class   {class name: precision, recall, f1, sensitivity, specificity, auc, support}
 
 Undefined ratios (no predicted / no true samples) count as 0.0, like sklearn's zero_division=0.
+The maths is scikit-learn's; only specificity (not in sklearn) is read off the confusion matrix.
+
+Old names. Until the `_weighted` keys existed the support-weighted values were called `precision`,
+`recall` and `f1`, easy to misread as the binary positive-class scores. The result dict still carries
+those three keys, with the same values (LEGACY_ALIASES), so scripts and metrics-*.json readers written
+against the old names keep working on new files; read the `_weighted` keys in new code.
+`metric_selector` accepts the old names too (`select: f1` in an old config means f1_weighted) and
+falls back to the old key when scoring a dict written before the rename.
 """
 
 from __future__ import annotations
@@ -24,17 +34,19 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as skm
 
 from xraylens.errors import XraylensError
 
 # names metric_selector understands; each is a top-level key of compute_metrics' result
 SELECTABLE = (
     "accuracy",
-    "f1",
+    "f1_weighted",
     "f1_macro",
     "qwk",
     "auc",
@@ -42,12 +54,15 @@ SELECTABLE = (
     "f05",
     "sensitivity",
     "specificity",
-    "precision",
-    "recall",
+    "precision_weighted",
+    "recall_weighted",
     "precision_macro",
     "recall_macro",
     "loss",
 )
+
+# old name -> current name; the result dict keeps the old keys as copies (see module docstring)
+LEGACY_ALIASES = {"precision": "precision_weighted", "recall": "recall_weighted", "f1": "f1_weighted"}
 
 
 def _div(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
@@ -56,31 +71,14 @@ def _div(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
         return np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0)
 
 
-def _fbeta(p: np.ndarray, r: np.ndarray, beta: float) -> np.ndarray:
-    b2 = beta * beta
-    return _div((1 + b2) * p * r, b2 * p + r)
-
-
-def _auc_binary(is_pos: np.ndarray, score: np.ndarray) -> float:
-    """Mann-Whitney ROC AUC with tie-averaged ranks (equal to sklearn's roc_auc_score)."""
-    from scipy.stats import rankdata
-
-    n_pos = int(is_pos.sum())
-    n_neg = is_pos.size - n_pos
-    ranks = rankdata(score)  # average ranks for ties, like the trapezoid ROC
-    return float((ranks[is_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def _qwk(cm: np.ndarray) -> float | None:
-    k = cm.shape[0]
-    n = cm.sum()
-    idx = np.arange(k, dtype=np.float64)
-    w = (idx[:, None] - idx[None, :]) ** 2 / max((k - 1) ** 2, 1)
-    expected = np.outer(cm.sum(1), cm.sum(0)) / n
-    denom = float((w * expected).sum())
-    if denom == 0.0:
-        return None  # every sample in one class for both truth and prediction: kappa is undefined
-    return float(1.0 - (w * cm).sum() / denom)
+def _qwk(y: np.ndarray, pred: np.ndarray, k: int) -> float | None:
+    # sklearn>=1.4 (our floor) returns NaN with a warning when kappa is undefined; newer ones also
+    # take replace_undefined_by, which 1.4 lacks, so map the NaN ourselves
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kappa = float(skm.cohen_kappa_score(y, pred, labels=np.arange(k), weights="quadratic"))
+    return None if math.isnan(kappa) else kappa
 
 
 def compute_metrics(
@@ -105,6 +103,13 @@ def compute_metrics(
         raise XraylensError("no samples to score; check that the evaluated split is not empty")
     if k < 2:
         raise XraylensError(f"metrics need at least 2 classes, got {k}")
+    if not np.isfinite(p).all():
+        # argmax and AUC of NaN scores would be meaningless numbers, and NaN breaks strict JSON
+        bad = int((~np.isfinite(p)).any(1).sum())
+        raise XraylensError(
+            f"probs hold NaN or inf in {bad} of {p.shape[0]} rows: the model output diverged; "
+            "lower train.lr or turn off train.amp"
+        )
     if np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)):
         y = y.astype(np.int64)  # labels that went through a float tensor are still indices
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= k:
@@ -120,28 +125,34 @@ def compute_metrics(
     y = y.astype(np.int64)
     pred = p.argmax(1)
     n = y.size
-    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    labels = np.arange(k)  # every class, also those absent from y and pred, so shapes stay [K]
+    cm = skm.confusion_matrix(y, pred, labels=labels)
 
+    def prfs(beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return skm.precision_recall_fscore_support(y, pred, beta=beta, labels=labels, average=None,
+                                                   zero_division=0)
+
+    prec, rec, f1, support_i = prfs(1.0)
+    f05_c, f2_c = prfs(0.5)[2], prfs(2.0)[2]
+    support = support_i.astype(np.float64)
+    wts = support / n  # == sklearn average="weighted", without three more passes over the labels
+    # specificity = TN / (TN + FP), the recall of "not c"; sklearn has no direct function for it
     tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(1).astype(np.float64)  # true count per class
-    predicted = cm.sum(0).astype(np.float64)
-    fp, fn = predicted - tp, support - tp
-    tn = n - tp - fp - fn
-    prec, rec = _div(tp, predicted), _div(tp, support)
-    f1 = _fbeta(prec, rec, 1.0)
-    f05_c, f2_c = _fbeta(prec, rec, 0.5), _fbeta(prec, rec, 2.0)
+    fp = cm.sum(0) - tp
+    tn = n - support - fp
     spec = _div(tn, tn + fp)
-    wts = support / n
 
     present = support > 0
     auc_c: list[float | None] = []
     for c in range(k):
-        ok = present[c] and support[c] < n  # need both positives and negatives
-        auc_c.append(_auc_binary(y == c, p[:, c]) if ok else None)
+        ok = present[c] and support[c] < n  # roc_auc_score needs both positives and negatives
+        auc_c.append(float(skm.roc_auc_score(y == c, p[:, c])) if ok else None)
     auc_note = None
     if binary:
         auc = auc_c[positive]
     else:
+        # mean of per-class binary AUCs == roc_auc_score(multi_class="ovr", average="macro"), without
+        # its check that rows sum to 1 (float32 softmax rows may not, to its tolerance)
         auc = float(np.mean(auc_c)) if all(a is not None for a in auc_c) else None
     if auc is None:
         missing = [str(classes[c]) for c in range(k) if not present[c]]
@@ -151,14 +162,18 @@ def compute_metrics(
             else "ROC AUC undefined: y_true holds a single class"
         )
 
+    weighted = {
+        "precision_weighted": float((prec * wts).sum()),
+        "recall_weighted": float((rec * wts).sum()),
+        "f1_weighted": float((f1 * wts).sum()),
+    }
     out: dict[str, Any] = {
         "n": int(n),
         "classes": [str(c) for c in classes],
         "positive": str(classes[positive]) if binary else None,
-        "accuracy": float(tp.sum() / n),
-        "precision": float((prec * wts).sum()),
-        "recall": float((rec * wts).sum()),
-        "f1": float((f1 * wts).sum()),
+        "accuracy": float(skm.accuracy_score(y, pred)),
+        **weighted,
+        **{old: weighted[new] for old, new in LEGACY_ALIASES.items()},
         "precision_macro": float(prec.mean()),
         "recall_macro": float(rec.mean()),
         "f1_macro": float(f1.mean()),
@@ -166,7 +181,7 @@ def compute_metrics(
         "f2": float(f2_c[positive] if binary else (f2_c * wts).sum()),
         "sensitivity": float(rec[positive] if binary else rec.mean()),
         "specificity": float(spec[positive] if binary else spec.mean()),
-        "qwk": _qwk(cm),
+        "qwk": _qwk(y, pred, k),
         "auc": auc,
         "auc_note": auc_note,
         "loss": None if loss is None else float(loss),
@@ -210,7 +225,7 @@ def _check(node: ast.AST, expr: str) -> None:
     elif isinstance(node, ast.Constant) and type(node.value) in (int, float):
         pass
     elif isinstance(node, ast.Name):
-        if node.id not in SELECTABLE:
+        if node.id not in SELECTABLE and node.id not in LEGACY_ALIASES:
             raise XraylensError(
                 f"unknown metric {node.id!r} in selector {expr!r}; use {', '.join(SELECTABLE)}"
             )
@@ -234,13 +249,40 @@ def _eval(node: ast.AST, values: dict[str, float]) -> float:
     return values[node.id]
 
 
+def _probes() -> list[dict[str, float]]:
+    """Metric values to try a selector on: all equal (0, 0.5, 1), and two mixes of distinct,
+    irregular values so that e.g. `f1_macro/(f1_weighted-f2)` finds a point where it is finite."""
+    mixes = [
+        {nm: 0.05 + 0.9 * ((i + 1) * g % 1.0) for i, nm in enumerate(SELECTABLE)}
+        for g in (0.6180339887, 0.4142135624)  # golden ratio, sqrt(2) - 1: no two metrics equal
+    ]
+    probes = [dict.fromkeys(SELECTABLE, v) for v in (0.5, 0.0, 1.0)] + mixes
+    for values in probes:
+        values.update({old: values[new] for old, new in LEGACY_ALIASES.items()})  # one metric, one value
+    return probes
+
+
+def _finite_somewhere(tree: ast.AST) -> bool:
+    for values in _probes():
+        try:
+            if math.isfinite(_eval(tree, values)):
+                return True
+        except (ZeroDivisionError, OverflowError):
+            pass
+    return False
+
+
 def metric_selector(expr: str) -> Callable[[dict[str, Any]], float]:
     """A score to maximise when choosing the best epoch.
 
     `expr` is a metric name or an arithmetic expression over names (`1.5*f2+accuracy`). The bare name
     `loss` means "lower is better" and scores -loss; inside an expression every name is its raw value
-    (write `accuracy - loss`). An undefined metric (None, e.g. auc with a missing class) or a division
-    by zero scores -inf, so such an epoch is never preferred.
+    (write `accuracy - loss`). The old names f1, precision, recall mean the `_weighted` metrics.
+
+    An expression that is not finite for any metric values (`accuracy/0`, `1e999*f2`) is refused here.
+    One that is finite in general scores -inf where a metric is undefined (None or NaN, e.g. auc with a
+    missing class) or a denominator is zero, so such an epoch is never preferred; `checked_score`
+    also refuses NaN and +inf results. The returned function carries `.expr` (as given).
     """
     text = (expr or "").strip()
     if not text:
@@ -253,24 +295,62 @@ def metric_selector(expr: str) -> Callable[[dict[str, Any]], float]:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as e:
         raise XraylensError(
-            f"cannot parse selector {expr!r} ({e.msg}); use e.g. 'f1' or '1.5*f2+accuracy'"
+            f"cannot parse selector {expr!r} ({e.msg}); use e.g. 'f1_weighted' or '1.5*f2+accuracy'"
         ) from None
     _check(tree, expr)
+    if not _finite_somewhere(tree):
+        raise XraylensError(
+            f"selector {expr!r} evaluates to a non-finite number (division by zero or overflow) for every "
+            "metric value tried; fix train.select / --select, e.g. 'f1_weighted' or '1.5*f2+accuracy'"
+        )
     names = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)})
 
     def select(metrics: dict[str, Any]) -> float:
         values: dict[str, float] = {}
         for name in names:
-            if name not in metrics:
+            key = _key_in(metrics, name)
+            if key is None:
                 raise XraylensError(f"metric {name!r} used by selector {expr!r} is missing from the metrics")
-            v = metrics[name]
+            v = metrics[key]
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 return -math.inf
             values[name] = float(v)
         try:
             return float(_eval(tree, values))
-        except ZeroDivisionError:
+        except (ZeroDivisionError, OverflowError):
             return -math.inf
 
     select.expr = expr  # type: ignore[attr-defined]  # for logs: which rule picked the epoch
+    select.names = tuple(names)  # type: ignore[attr-defined]  # for checked_score's message
     return select
+
+
+def _key_in(metrics: dict[str, Any], name: str) -> str | None:
+    """The key holding metric `name`: its current spelling first, then the other one, so old configs
+    (`f1`) score new dicts and new names score dicts written before the rename."""
+    current = LEGACY_ALIASES.get(name, name)
+    olds = [old for old, new in LEGACY_ALIASES.items() if new == current]
+    return next((key for key in (current, *olds) if key in metrics), None)
+
+
+def checked_score(
+    select: Callable[[dict[str, Any]], float], metrics: dict[str, Any], *, epoch: int | None = None
+) -> float:
+    """`select(metrics)` for one epoch, refusing a score that would corrupt the best-epoch choice.
+
+    Returns a finite float, or -inf where the selector scores an epoch "never preferred" (undefined
+    metric, zero denominator). Raises XraylensError on NaN (never compares, so the best epoch would
+    depend on order) or +inf (would win every later comparison), e.g. `accuracy*loss` with an
+    infinite loss. `epoch` (1-based) only goes into the message.
+    """
+    score = float(select(metrics))
+    if math.isnan(score) or score == math.inf:
+        expr = getattr(select, "expr", "?")
+        at = "" if epoch is None else f" at epoch {epoch}"
+        keys = [_key_in(metrics, name) for name in getattr(select, "names", ())]
+        used = ", ".join(f"{key}={metrics[key]}" for key in keys if key is not None)
+        raise XraylensError(
+            f"selector {expr!r} gave {score}{at} (from {used}); change train.select / --select "
+            "so it stays finite, e.g. 'f1_weighted' or 'accuracy - loss'"
+        )
+    return score
