@@ -10,7 +10,8 @@ import torchvision
 from torch import nn
 
 from xraylens.errors import XraylensError
-from xraylens.models.registry import Arch, register_model
+from xraylens.models._registry import register_model
+from xraylens.models.arch import Arch
 
 # Old torchvision checkpoints name dense-layer parts "norm.1" instead of "norm1".
 _OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")

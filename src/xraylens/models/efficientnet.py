@@ -5,7 +5,8 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from xraylens.models.registry import Arch, register_model
+from xraylens.models._registry import register_model
+from xraylens.models.arch import Arch
 
 
 @register_model(hub=("timm", "efficientnet_b0"))

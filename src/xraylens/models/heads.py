@@ -1,16 +1,13 @@
-"""Classifier heads and partial unfreezing, shared by every family through ``registry.Arch``."""
+"""Classifier heads and partial unfreezing, shared by every family through ``arch.Arch``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from xraylens.errors import XraylensError
-
-if TYPE_CHECKING:
-    from xraylens.models.registry import Arch
+from xraylens.models.arch import Arch
 
 
 class MLPHead(nn.Sequential):

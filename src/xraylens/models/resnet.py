@@ -5,7 +5,8 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from xraylens.models.registry import Arch, register_model
+from xraylens.models._registry import register_model
+from xraylens.models.arch import Arch
 
 
 def timm_resnet(
@@ -32,17 +33,31 @@ def timm_resnet(
     return model, arch
 
 
-def _make(variant: str):  # one small constructor per depth, registered under its own name
-    def build(num_classes: int, in_chans: int = 1, drop_rate: float = 0.0, **kw: object) -> tuple[nn.Module, Arch]:
-        return timm_resnet(variant, num_classes, in_chans, drop_rate, **kw)
-
-    build.__name__ = build.__qualname__ = variant
-    build.__doc__ = f"timm {variant}; stages layer1..layer4, head fc, CAM on the last block of layer4."
-    return register_model(build, hub=("timm", variant))
+@register_model(hub=("timm", "resnet18"))
+def resnet18(num_classes: int, in_chans: int = 1, drop_rate: float = 0.0, **kw: object) -> tuple[nn.Module, Arch]:
+    """timm resnet18; stages layer1..layer4, head fc, CAM on the last block of layer4."""
+    return timm_resnet("resnet18", num_classes, in_chans, drop_rate, **kw)
 
 
-resnet18 = _make("resnet18")
-resnet34 = _make("resnet34")
-resnet50 = _make("resnet50")
-resnet101 = _make("resnet101")
-resnet152 = _make("resnet152")
+@register_model(hub=("timm", "resnet34"))
+def resnet34(num_classes: int, in_chans: int = 1, drop_rate: float = 0.0, **kw: object) -> tuple[nn.Module, Arch]:
+    """timm resnet34; stages layer1..layer4, head fc, CAM on the last block of layer4."""
+    return timm_resnet("resnet34", num_classes, in_chans, drop_rate, **kw)
+
+
+@register_model(hub=("timm", "resnet50"))
+def resnet50(num_classes: int, in_chans: int = 1, drop_rate: float = 0.0, **kw: object) -> tuple[nn.Module, Arch]:
+    """timm resnet50; stages layer1..layer4, head fc, CAM on the last block of layer4."""
+    return timm_resnet("resnet50", num_classes, in_chans, drop_rate, **kw)
+
+
+@register_model(hub=("timm", "resnet101"))
+def resnet101(num_classes: int, in_chans: int = 1, drop_rate: float = 0.0, **kw: object) -> tuple[nn.Module, Arch]:
+    """timm resnet101; stages layer1..layer4, head fc, CAM on the last block of layer4."""
+    return timm_resnet("resnet101", num_classes, in_chans, drop_rate, **kw)
+
+
+@register_model(hub=("timm", "resnet152"))
+def resnet152(num_classes: int, in_chans: int = 1, drop_rate: float = 0.0, **kw: object) -> tuple[nn.Module, Arch]:
+    """timm resnet152; stages layer1..layer4, head fc, CAM on the last block of layer4."""
+    return timm_resnet("resnet152", num_classes, in_chans, drop_rate, **kw)

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from xraylens.errors import XraylensError
+from xraylens.models._registry import register_model
+from xraylens.models.arch import Arch
 from xraylens.models.densenet import DenseNetClassifier, densenet_arch
-from xraylens.models.registry import Arch, register_model
 
 
 class SELayer(nn.Module):

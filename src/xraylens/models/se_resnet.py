@@ -16,7 +16,8 @@ from functools import partial
 from timm.layers import SEModule
 from torch import nn
 
-from xraylens.models.registry import Arch, register_model
+from xraylens.models._registry import register_model
+from xraylens.models.arch import Arch
 from xraylens.models.resnet import timm_resnet
 
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from xraylens.errors import XraylensError
-from xraylens.models.registry import Arch, register_model
+from xraylens.models._registry import register_model
+from xraylens.models.arch import Arch
 
 
 def _size2(image_size: int | tuple[int, int]) -> tuple[int, int]:

@@ -10,7 +10,8 @@ import torchvision
 from torch import nn
 
 from xraylens.errors import XraylensError
-from xraylens.models.registry import Arch, register_model
+from xraylens.models._registry import register_model
+from xraylens.models.arch import Arch
 
 
 def _vgg(variant: str, num_classes: int, in_chans: int, drop_rate: float, kw: dict) -> tuple[nn.Module, Arch]:

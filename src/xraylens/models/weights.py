@@ -11,15 +11,12 @@ import socket
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from xraylens.errors import XraylensError
-
-if TYPE_CHECKING:
-    from xraylens.models.registry import Arch
+from xraylens.models.arch import Arch
 
 _HOSTS = {"timm": "huggingface.co", "torchvision": "download.pytorch.org"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -64,13 +61,15 @@ def check_online(source: str, model_name: str) -> None:
         raise XraylensError(f"pretrained weights need {host}, which cannot be reached in 1 s (offline?); {hint}")
 
 
-def check_hub(hub: tuple[str, str] | None, model_name: str) -> None:
-    """Raise unless ``pretrained=True`` can work: the model has hub weights and the host answers."""
+def check_hub(hub: tuple[str, str] | None, model_name: str) -> tuple[str, str]:
+    """Raise unless ``pretrained=True`` can work (the model has hub weights and the host answers);
+    return ``hub``."""
     if hub is None:
         raise XraylensError(
             f"{model_name} has no ImageNet weights; use pretrained=False (or --weights PATH for your own file)"
         )
     check_online(hub[0], model_name)
+    return hub
 
 
 def load_hub_weights(model: nn.Module, arch: Arch, model_name: str, hub: tuple[str, str]) -> None:
