@@ -76,7 +76,7 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, epoc
     lines = [
         f"xraylens demo: {'phantom' if phantom else data} -> {run_dir}",
         f"  {split}: accuracy {metrics['accuracy']:.3f} (chance {1 / len(trained.classes):.3f}), "
-        f"f1 {metrics['f1']:.3f}, auc {_fmt(metrics.get('auc'))}, n={metrics['n_images']}",
+        f"weighted f1 {metrics['f1_weighted']:.3f}, auc {_fmt(metrics.get('auc'))}, n={metrics['n_images']}",
         f"  CAM grid: {explained.grid_paths[0]}",
     ]
     if annotations is not None:

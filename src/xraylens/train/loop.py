@@ -266,7 +266,7 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
                                           loss=ce_loss(logits, val_c.labels))
             score = float(select(val_metrics))
             row = {"epoch": epoch + 1, "train_loss": total / max(1, n_seen), "val_loss": val_metrics.get("loss"),
-                   "val_accuracy": val_metrics.get("accuracy"), "val_f1": val_metrics.get("f1"),
+                   "val_accuracy": val_metrics.get("accuracy"), "val_f1": val_metrics.get("f1_weighted"),
                    "val_qwk": val_metrics.get("qwk"), "val_auc": val_metrics.get("auc"),
                    "val_sensitivity": val_metrics.get("sensitivity"),
                    "val_specificity": val_metrics.get("specificity"), "score": score, "lr": lr,
