@@ -1,3 +1,5 @@
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -5,7 +7,7 @@ import pytest
 from PIL import Image
 
 from xraylens.data.decode import decode_image
-from xraylens.errors import DecodeError
+from xraylens.errors import DecodeError, XraylensError
 
 
 def _first(folder: Path) -> Path:
@@ -42,29 +44,113 @@ def test_empty_text_and_missing(tmp_path):
         decode_image(tmp_path / "gone.png")
 
 
+def _blocks(a: np.ndarray, k: int = 4) -> np.ndarray:
+    """Each pixel as a k x k block: small test pictures grown past the minimum side."""
+    return np.repeat(np.repeat(a, k, axis=0), k, axis=1)
+
+
 def test_16bit_png_minmax(tmp_path):
     arr = np.array([[1000, 1800], [3000, 5000]], dtype=np.uint16)
-    Image.fromarray(arr).save(tmp_path / "deep.png")
+    Image.fromarray(_blocks(arr)).save(tmp_path / "deep.png")
     assert Image.open(tmp_path / "deep.png").mode.startswith("I")
     out = decode_image(tmp_path / "deep.png")
     # (v - 1000) / 4000 * 255: 0, 51, 127.5 -> 128, 255
-    np.testing.assert_array_equal(out, [[0, 51], [128, 255]])
-    Image.fromarray(np.full((3, 3), 777, np.uint16)).save(tmp_path / "flat.png")
-    np.testing.assert_array_equal(decode_image(tmp_path / "flat.png"), np.zeros((3, 3), np.uint8))
+    np.testing.assert_array_equal(out, _blocks(np.array([[0, 51], [128, 255]])))
+    Image.fromarray(np.full((8, 8), 777, np.uint16)).save(tmp_path / "flat.png")
+    np.testing.assert_array_equal(decode_image(tmp_path / "flat.png"), np.zeros((8, 8), np.uint8))
 
 
 def test_rgba_alpha_is_discarded(tmp_path):
-    rgba = np.zeros((4, 5, 4), np.uint8)
+    rgba = np.zeros((8, 10, 4), np.uint8)
     rgba[..., 0], rgba[..., 1], rgba[..., 2] = 200, 100, 50
-    rgba[:2, :, 3] = 0  # fully transparent top half keeps its grey value (no compositing on black)
-    rgba[2:, :, 3] = 255
+    rgba[:4, :, 3] = 0  # fully transparent top half keeps its grey value (no compositing on black)
+    rgba[4:, :, 3] = 255
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     out = decode_image(tmp_path / "a.png")
     expected = round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)
-    assert out.shape == (4, 5) and np.all(np.abs(out.astype(int) - expected) <= 1)
-    la = np.stack([np.full((3, 3), 90, np.uint8), np.zeros((3, 3), np.uint8)], -1)
+    assert out.shape == (8, 10) and np.all(np.abs(out.astype(int) - expected) <= 1)
+    la = np.stack([np.full((8, 8), 90, np.uint8), np.zeros((8, 8), np.uint8)], -1)
     Image.fromarray(la, "LA").save(tmp_path / "la.png")
-    np.testing.assert_array_equal(decode_image(tmp_path / "la.png"), np.full((3, 3), 90))
+    np.testing.assert_array_equal(decode_image(tmp_path / "la.png"), np.full((8, 8), 90))
+
+
+# ------------------------------------------------------------------------------------------ size limits
+
+
+def test_pixel_limit_parameter_and_environment(fixture_dir, monkeypatch):
+    jpg = _first(fixture_dir / "pneumonia" / "NORMAL")  # 224 x 224 = 50,176 pixels
+    with pytest.raises(DecodeError, match=r"224x224 image \(50,176 pixels\) is above the limit of 50,000 "
+                                          r"pixels; set XRAYLENS_MAX_PIXELS=50176 \(or more\)"):
+        decode_image(jpg, max_pixels=50_000)
+    assert decode_image(jpg, max_pixels=50_176).shape == (224, 224)
+    monkeypatch.setenv("XRAYLENS_MAX_PIXELS", "50000")
+    with pytest.raises(DecodeError, match="above the limit of 50,000 pixels"):
+        decode_image(jpg)
+    monkeypatch.setenv("XRAYLENS_MAX_PIXELS", "lots")
+    with pytest.raises(XraylensError, match="XRAYLENS_MAX_PIXELS='lots' is not a positive whole number"):
+        decode_image(jpg)
+
+
+def test_no_raw_pillow_warning_and_our_limit_governs(fixture_dir, monkeypatch):
+    jpg = _first(fixture_dir / "pneumonia" / "NORMAL")
+    # stand-in for a huge file: shrink Pillow's own limit so a 224 x 224 image trips it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any DecompressionBombWarning fails the test
+        # within our limit: decoded (Pillow's limit is raised to ours, not left to refuse the file)
+        assert decode_image(jpg, max_pixels=60_000).shape == (224, 224)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+        # between Pillow's limit and twice it: Pillow would only warn; ours refuses with its message
+        with pytest.raises(DecodeError, match="above the limit of 30,000 pixels"):
+            decode_image(jpg, max_pixels=30_000)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+        # over twice Pillow's limit: its DecompressionBombError becomes ours
+        with pytest.raises(DecodeError, match=r"image of 50,176 pixels is above the limit of 20,000"):
+            decode_image(jpg, max_pixels=20_000)
+
+
+def test_dicom_pixel_limit(tmp_path):
+    path = _dicom(tmp_path / "big.dcm", RAMP)
+    with pytest.raises(DecodeError, match=r"big.dcm: 40x25 image \(1,000 pixels\) is above the limit of 999"):
+        decode_image(path, max_pixels=999)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 300), (300, 7)])
+def test_tiny_image_is_refused(tmp_path, shape):
+    Image.fromarray(np.full(shape, 128, np.uint8)).save(tmp_path / "tiny.png")
+    h, w = shape
+    with pytest.raises(DecodeError, match=rf"tiny.png: {w}x{h} image is smaller than 8 pixels on a side"):
+        decode_image(tmp_path / "tiny.png")
+    path = _dicom(tmp_path / "tiny.dcm", np.arange(h * w).reshape(shape))
+    with pytest.raises(DecodeError, match=rf"tiny.dcm: {w}x{h} image is smaller than 8 pixels"):
+        decode_image(path)
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tmp_path / "ok.png")
+    assert decode_image(tmp_path / "ok.png").shape == (8, 8)
+
+
+def test_cache_reports_refused_files_as_skipped(fixture_dir, tmp_path, monkeypatch):
+    from xraylens.data.cache import load_split
+    from xraylens.data.sources import load_source
+
+    root = tmp_path / "data"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+        for src in sorted((fixture_dir / "pneumonia" / cls).iterdir())[:3]:
+            shutil.copy(src, root / cls / src.name)
+    big = np.asarray(Image.open(_first(fixture_dir / "pneumonia" / "NORMAL")).convert("L").resize((300, 300)))
+    Image.fromarray(big).save(root / "NORMAL" / "big.png")
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(root / "NORMAL" / "dot.png")
+    monkeypatch.setenv("XRAYLENS_MAX_PIXELS", str(224 * 224))
+    source = load_source(root)
+    split = source.splits[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = load_split(source, split, 32, cache_dir=tmp_path / "cache", workers=2)
+    reasons = dict(c.skipped)
+    assert len(c) == len(source.split(split)) - 2
+    big_id, dot_id = (next(i for i in reasons if n in i) for n in ("big.png", "dot.png"))
+    assert "above the limit of 50,176 pixels; set XRAYLENS_MAX_PIXELS=90000" in reasons[big_id]
+    assert "smaller than 8 pixels on a side" in reasons[dot_id]
 
 
 # ----------------------------------------------------------------------------------------------- DICOM
