@@ -3,6 +3,9 @@
 ``CamEngine`` runs every requested gradient method from ONE forward and ONE backward pass per batch:
 activations and gradients of the chosen layers are captured once and each method in
 ``methods.METHODS`` is a pure function of them. Score-CAM adds its masked forward passes (batched).
+What is explained is a target: a class ("pred", "true", an index, one per image) of a classifier's
+logits [B, K], or any callable ``target(output) -> [B]`` (``targets.py``), for models that return
+something else (segmentation maps [B,K,H,W], fused outputs).
 
 Design choices worth knowing:
 
@@ -18,15 +21,15 @@ Design choices worth knowing:
 * Per-layer maps are ReLU'd by the method, upsampled bilinearly (``align_corners=False``, the same
   sampling as OpenCV's ``INTER_LINEAR`` for enlargement) and min-max normalised per image. With several
   layers each is normalised before combining (mean / max / product), then the result is normalised
-  again; NormGrad's default combination is the product (Rebuffi et al.'s "combined" maps), the
-  others default to the mean (pytorch-grad-cam's aggregation).
+  again; each method's record gives its default combination (NormGrad: the product, Rebuffi et al.'s
+  "combined" maps; the others: the mean, pytorch-grad-cam's aggregation).
 * A map that is constant (e.g. all zero after the ReLU) cannot be normalised: it is returned as zeros
   and flagged in ``CamResult.constant``; maps never contain NaN.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,9 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from xraylens.errors import XraylensError
-from xraylens.explain.methods import METHODS, NO_GRADIENT, NORMGRAD, SCORE_METHODS, available_methods, scorecam
+from xraylens.explain.methods import METHODS, CamContext, ScoreFn, resolve_methods
+from xraylens.explain.targets import ClassTarget, class_scores
+from xraylens.ops import class_probabilities
 
-Targets = str | int | Sequence[int] | torch.Tensor
+Targets = str | int | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 _COMBINE = ("mean", "max", "product")
 _SCORES = ("logit", "prob")
@@ -49,7 +54,10 @@ class CamResult:
     maps: method -> [B,1,H,W] float, upsampled to the input (or ``output_size``), per-image in [0, 1]
         when normalised.
     raw: method -> layer -> [B,1,h,w], the method's map at the layer's resolution, un-normalised.
-    logits: [B, K] model outputs of the explained pass. targets: [B] explained class per image.
+    logits: the model's output of the explained pass: logits [B, K] for a classifier, whatever the
+        model returned (e.g. [B,K,H,W]) when the target is a callable.
+    targets: [B] long, the explained class per image; -1 for a callable target other than
+        ``ClassTarget`` (it explains a score, not a class index).
     constant: method -> [B] bool, True where the map was constant (returned as zeros).
     """
 
@@ -61,36 +69,24 @@ class CamResult:
 
     @property
     def probs(self) -> torch.Tensor:
-        """Probability of the explained class per image, [B]."""
-        return _class_probs(self.logits).gather(1, self.targets[:, None]).squeeze(1)
+        """Probability of the explained class per image, [B] float32; NaN where no class was explained
+        (target -1) or the output is not logits [B, K]."""
+        b = self.targets.shape[0]
+        if self.logits.ndim != 2:
+            return torch.full((b,), float("nan"), device=self.logits.device)
+        p = class_probabilities(self.logits).gather(1, self.targets.clamp_min(0)[:, None]).squeeze(1)
+        return torch.where(self.targets >= 0, p, float("nan"))
 
     @property
     def preds(self) -> torch.Tensor:
-        return _class_probs(self.logits).argmax(dim=1)
+        """Arg-max class per image, [B]; needs logits [B, K]."""
+        if self.logits.ndim != 2:
+            raise XraylensError(f"preds need logits [B, K]; this model returned {tuple(self.logits.shape)}")
+        return class_probabilities(self.logits).argmax(dim=1)
 
     def numpy(self, method: str):
         """``maps[method]`` as a float32 numpy array [B,H,W] (copied to the CPU)."""
         return self.maps[method][:, 0].float().cpu().numpy()
-
-
-def _class_probs(logits: torch.Tensor) -> torch.Tensor:
-    if logits.shape[1] == 1:  # one BCE logit: p(class 1) = sigmoid
-        p1 = torch.sigmoid(logits.float())
-        return torch.cat([1 - p1, p1], dim=1)
-    return torch.softmax(logits.float(), dim=1)
-
-
-def _class_scores(logits: torch.Tensor, score: str) -> torch.Tensor:
-    """[B, K'] scores per class; a single BCE logit z reads as two classes with scores (-z, z)."""
-    if logits.shape[1] == 1:
-        if score == "prob":
-            return _class_probs(logits)
-        return torch.cat([-logits, logits], dim=1)
-    return torch.softmax(logits, dim=1) if score == "prob" else logits
-
-
-def _pick(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
-    return _class_scores(logits, score).gather(1, targets[:, None]).squeeze(1)
 
 
 def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,35 +224,38 @@ class CamEngine:
     ) -> CamResult:
         """Explain ``x`` [B,C,H,W] (already normalised model input).
 
-        targets: "pred" (arg-max), "true" (needs ``labels``), one class index, or one per image.
-        combine: how several layers merge — "mean", "max" or "product"; None = product for NormGrad,
-            mean for the rest.
-        score: back-propagate the target's "logit" or softmax "prob" (also Score-CAM's score).
+        methods: names, as a list or a comma string (see ``methods.resolve_methods``).
+        targets: "pred" (arg-max), "true" (needs ``labels``), one class index, one per image, or a
+            callable ``target(output) -> [B]`` such as ``ClassTarget`` / ``SegmentationTarget``;
+            only with a callable may the model return something other than logits [B, K].
+        combine: how several layers merge — "mean", "max" or "product"; None = each method's
+            default (product for NormGrad, mean for the rest).
+        score: back-propagate the target class's "logit" or softmax "prob" (also Score-CAM's score);
+            a callable target defines its own score, so it needs the default "logit".
         """
-        methods = [methods] if isinstance(methods, str) else list(methods)
-        self._check_args(x, methods, combine, score)
+        methods = resolve_methods(methods)
+        self._check_args(x, combine, score)
         if not self._handles:  # not entered: hooks for this call only
             with self:
                 return self(x, methods, targets, labels, combine, score, normalize, output_size,
                             scorecam_batch_size)
         device = _model_device(self.model, x)
         x = x.to(device)
-        grad_methods = [m for m in methods if m not in NO_GRADIENT]
-        self._need_grad = bool(grad_methods)
+        self._need_grad = any(METHODS[m].needs_gradients for m in methods)
         self._clear()
         self._capture = True
         try:
             with torch.enable_grad() if self._need_grad else torch.no_grad():
-                logits = self.model(x)
-                if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-                    raise XraylensError("the model must return logits [B, K]; wrap it to return a tensor")
+                out = self.model(x)
+                if not isinstance(out, torch.Tensor):
+                    raise XraylensError(f"the model returned {type(out).__name__}; wrap it to return a tensor")
                 self._capture = False
-                tgt = _resolve_targets(targets, labels, logits)
+                target, tgt = _resolve_targets(targets, labels, out, score)
                 missing = [n for n in self.layers if n not in self._acts]
                 if missing:
                     raise XraylensError(f"layers {missing} did not run in the forward pass; choose others")
                 if self._need_grad:
-                    total = _pick(logits, tgt, score).sum()
+                    total = target(out).sum()
                     if not total.requires_grad:
                         raise XraylensError("the model's output does not depend on the CAM layer; check layers")
                     # ONE backward for every gradient method; only reaches the first hooked layer
@@ -267,18 +266,14 @@ class CamEngine:
                             f"layers {missing} got no gradient (they do not lie after {self.layers[0]!r} "
                             "on the path to the output); explain them in a separate engine"
                         )
-            logits = logits.detach()
+            out = out.detach()
             raw: dict[str, dict[str, torch.Tensor]] = {}
             for m in methods:
                 raw[m] = {}
                 for name in self.layers:
-                    a = self._acts[name]
-                    if m in SCORE_METHODS:
-                        cam = scorecam(self._forward_plain, x, a, lambda o, t: _pick(o, t, score), tgt,
-                                       scorecam_batch_size)
-                    else:
-                        cam = METHODS[m](a, self._grads.get(name))
-                    raw[m][name] = cam.detach().unsqueeze(1)
+                    ctx = CamContext(self._acts[name], self._grads.get(name), x, self._forward_plain, target,
+                                     scorecam_batch_size)
+                    raw[m][name] = METHODS[m].compute(ctx).detach().unsqueeze(1)
         finally:
             self._capture = False
             self._clear()  # no tensors (and so no graph) survive the call
@@ -286,21 +281,17 @@ class CamEngine:
         maps: dict[str, torch.Tensor] = {}
         constant: dict[str, torch.Tensor] = {}
         for m in methods:
-            how = combine or ("product" if m in NORMGRAD else "mean")
+            how = combine or METHODS[m].default_combine
             maps[m], constant[m] = _combine(list(raw[m].values()), size, how, normalize)
-        return CamResult(maps=maps, raw=raw, logits=logits, targets=tgt, constant=constant)
+        return CamResult(maps=maps, raw=raw, logits=out, targets=tgt, constant=constant)
 
     def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model(x)
 
-    def _check_args(self, x, methods, combine, score) -> None:
+    def _check_args(self, x, combine, score) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise XraylensError(f"expected an input batch [B,C,H,W], got {tuple(getattr(x, 'shape', ()))}")
-        known = available_methods()
-        bad = [m for m in methods if m not in known]
-        if bad or not methods:
-            raise XraylensError(f"unknown CAM method(s) {bad}; choose from {', '.join(known)}")
         if combine is not None and combine not in _COMBINE:
             raise XraylensError(f"combine={combine!r} is not one of {', '.join(_COMBINE)}")
         if score not in _SCORES:
@@ -312,13 +303,53 @@ def _model_device(model: nn.Module, x: torch.Tensor) -> torch.device:
     return p.device if p is not None else x.device
 
 
-def _resolve_targets(targets: Targets, labels, logits: torch.Tensor) -> torch.Tensor:
-    b = logits.shape[0]
+def _resolve_targets(targets: Targets, labels, out: torch.Tensor, score: str) -> tuple[ScoreFn, torch.Tensor]:
+    """(score function out -> [B], explained class per image [B] or -1s) for the engine's targets."""
+    b = out.shape[0]
+    dev = out.device
+    if callable(targets) and not isinstance(targets, torch.Tensor):
+        if score != "logit":
+            raise XraylensError(f"score={score!r} applies to class targets; a callable target defines its own "
+                                "score (e.g. ClassTarget(k, prob=True))")
+        if isinstance(targets, ClassTarget):
+            tgt = targets.classes(b, dev)
+            if out.ndim == 2:
+                _check_classes(tgt, out)
+        else:
+            tgt = torch.full((b,), -1, device=dev, dtype=torch.long)
+        return _checked(targets, b), tgt
+    if out.ndim != 2:
+        raise XraylensError(f"the model returned {tuple(out.shape)}, not logits [B, K]; pass a callable target "
+                            "such as xraylens.explain.targets.SegmentationTarget")
+    t = _class_indices(targets, labels, out)
+    return _checked(ClassTarget(t, prob=score == "prob"), b), t
+
+
+def _checked(target: Callable[[torch.Tensor], torch.Tensor], b: int) -> ScoreFn:
+    """``target`` with its result checked to be one score per image, returned as [B]."""
+
+    def score(out: torch.Tensor) -> torch.Tensor:
+        s = target(out)
+        if not isinstance(s, torch.Tensor) or s.numel() != b:
+            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise XraylensError(f"target(output) must return one score per image ({b}), got {got}")
+        return s.reshape(b)
+
+    return score
+
+
+def _check_classes(t: torch.Tensor, logits: torch.Tensor) -> None:
     k = 2 if logits.shape[1] == 1 else logits.shape[1]
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= k):
+        raise XraylensError(f"target classes must lie in 0..{k - 1} for this model, got {t.tolist()}")
+
+
+def _class_indices(targets: Targets, labels, logits: torch.Tensor) -> torch.Tensor:
+    b = logits.shape[0]
     dev = logits.device
     if isinstance(targets, str):
         if targets == "pred":
-            return _class_scores(logits.detach(), "logit").argmax(dim=1)
+            return class_scores(logits.detach()).argmax(dim=1)
         if targets == "true":
             if labels is None:
                 raise XraylensError('targets="true" needs labels=[...] (one class index per image)')
@@ -331,8 +362,7 @@ def _resolve_targets(targets: Targets, labels, logits: torch.Tensor) -> torch.Te
         t = torch.as_tensor(targets, device=dev).long().flatten()
     if t.numel() != b:
         raise XraylensError(f"got {t.numel()} targets for a batch of {b} images; pass one per image")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= k):
-        raise XraylensError(f"target classes must lie in 0..{k - 1} for this model, got {t.tolist()}")
+    _check_classes(t, logits)
     return t
 
 
