@@ -1,5 +1,7 @@
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +9,18 @@ import pytest
 from PIL import Image
 
 import xraylens.data.cache as cache_mod
-from xraylens.data.cache import load_split, prepare_image, resolve_size
+from xraylens.data.cache import (
+    ORPHAN_AGE_S,
+    cache_entries,
+    clear_cache,
+    format_cache_table,
+    load_split,
+    parse_age,
+    parse_size,
+    prepare_image,
+    resolve_max_bytes,
+    resolve_size,
+)
 from xraylens.data.sources import load_source
 from xraylens.errors import DecodeError, XraylensError
 
@@ -158,3 +171,139 @@ def test_damaged_cache_entry_is_rebuilt(fixture_dir, tmp_path):
     (tmp_path / f"{c.key}.json").write_text("{not json")
     again = load_split(src, "val", 12, cache_dir=tmp_path)
     np.testing.assert_array_equal(again.images, c.images)
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _age(path: Path, seconds: float) -> None:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def _bump(path: Path, step: int) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + step * 10**9))
+
+
+def test_touches_replace_the_old_entry(fixture_dir, tmp_path):
+    root = _small_tree(tmp_path, fixture_dir, n=2)
+    cdir = tmp_path / "c"
+    other = load_split(load_source(root, val_fraction=0), "train", 12, cache_dir=cdir)  # other settings
+    one = load_split(load_source(root, val_fraction=0), "train", 16, cache_dir=cdir)
+    limit = 3 * sum(e.bytes for e in cache_entries(cdir))  # small, but room for both settings
+    image = root / "NORMAL" / one.ids[0].split("/")[-1]
+    keys = [one.key]
+    for step in (1, 2, 3):  # three edits of one file: 4 -> 8 -> 12 files before
+        _bump(image, step)
+        keys.append(load_split(load_source(root, val_fraction=0), "train", 16, cache_dir=cdir, max_bytes=limit).key)
+        # only the newest version of the 16 px entry is left, beside the untouched 12 px one
+        assert _files(cdir) == sorted(f"{k}.{x}" for k in (other.key, keys[-1]) for x in ("npy", "json"))
+    assert len(set(keys)) == 4
+
+
+def test_least_recently_used_entry_goes_first(fixture_dir, tmp_path, monkeypatch, caplog):
+    src = load_source(fixture_dir / "pneumonia")
+    a = load_split(src, "val", 16, center_crop=1.0, cache_dir=tmp_path)
+    b = load_split(src, "val", 16, center_crop=0.9, cache_dir=tmp_path)
+    _age(tmp_path / f"{a.key}.json", 300)  # A written first ...
+    _age(tmp_path / f"{b.key}.json", 200)
+    size = max(e.bytes for e in cache_entries(tmp_path))
+    _no_decode(monkeypatch)
+    load_split(src, "val", 16, center_crop=1.0, cache_dir=tmp_path)  # ... but read last: a hit is a use
+    monkeypatch.undo()
+    c = load_split(src, "val", 16, center_crop=0.8, cache_dir=tmp_path, max_bytes=int(2.5 * size))
+    assert [e.key for e in cache_entries(tmp_path)] == [c.key, a.key]  # most recent first; B evicted
+    # an entry larger than the whole limit is not written, and evicts nothing
+    with caplog.at_level(logging.WARNING, logger="xraylens.cache"):
+        load_split(src, "val", 16, center_crop=0.7, cache_dir=tmp_path, max_bytes=size // 2)
+    assert "larger than the cache limit" in caplog.text
+    assert {e.key for e in cache_entries(tmp_path)} == {c.key, a.key}
+    # the just-written entry stays even when the limit leaves room for nothing else
+    d = load_split(src, "val", 16, center_crop=0.6, cache_dir=tmp_path, max_bytes=size + size // 2)
+    assert [e.key for e in cache_entries(tmp_path)] == [d.key]
+
+
+def test_orphans_are_removed_on_next_load(fixture_dir, tmp_path):
+    src = load_source(fixture_dir / "pneumonia")
+    c = load_split(src, "val", 12, cache_dir=tmp_path)
+    dead = "val-" + "a" * 32
+    old_tmp = tmp_path / f".{c.key}.npy.k3x9q2ab.npy"  # a writer killed mid-write (old mkstemp name)
+    live_tmp = tmp_path / f".{dead}.npy.0badf00d.npy"  # a writer still running
+    half = tmp_path / f"{dead}.npy"  # killed between the .npy and the .json
+    lone_json = tmp_path / ("val-" + "b" * 32 + ".json")
+    mine = [tmp_path / "notes.txt", tmp_path / ".hidden.npy.x.npy", tmp_path / "x.npy"]  # not the cache's
+    for p in (old_tmp, live_tmp, half, lone_json, *mine):
+        p.write_bytes(b"\0" * 100)
+    for p in (old_tmp, half, *mine):
+        _age(p, ORPHAN_AGE_S + 60)
+    fresh_half = tmp_path / ("val-" + "c" * 32 + ".npy")  # a live writer's .npy before its .json
+    fresh_half.write_bytes(b"")
+    load_split(src, "val", 12, cache_dir=tmp_path)
+    assert not old_tmp.exists() and not half.exists() and not lone_json.exists()
+    assert live_tmp.exists() and fresh_half.exists() and all(p.exists() for p in mine)
+    assert [e.key for e in cache_entries(tmp_path)] == [c.key]
+
+
+def test_cache_entries_clear_and_table(fixture_dir, tmp_path):
+    assert cache_entries(tmp_path / "none") == [] and clear_cache(tmp_path / "none") == (0, 0)
+    src = load_source(fixture_dir / "pneumonia")
+    a = load_split(src, "val", 12, cache_dir=tmp_path)
+    b = load_split(src, "train", (20, 16), cache_dir=tmp_path)
+    _age(tmp_path / f"{a.key}.json", 3 * 86400)
+    es = cache_entries(tmp_path)
+    assert [e.key for e in es] == [b.key, a.key]
+    e = es[0]
+    assert (e.split, e.n_images, e.image_shape, e.source) == ("train", 16, (20, 16), src.root)
+    assert e.bytes == sum((tmp_path / f"{b.key}.{x}").stat().st_size for x in ("npy", "json"))
+    assert e.created <= e.last_used <= time.time()
+    table = format_cache_table(es, tmp_path, 2 * 1024**3).splitlines()
+    assert table[0].split() == ["entry", "split", "images", "shape", "size", "last", "used", "source"]
+    assert b.key in table[1] and "20x16" in table[1] and "just now" in table[1]
+    assert a.key in table[2] and "3 d ago" in table[2]
+    assert table[-1].startswith("2 entries, ") and table[-1].endswith(f"of 2.0 GiB (XRAYLENS_CACHE_MAX) in {tmp_path}")
+    assert clear_cache(tmp_path, older_than=86400) == (1, es[1].bytes)
+    assert clear_cache(tmp_path) == (1, es[0].bytes) and _files(tmp_path) == []
+
+
+def test_cache_cli(fixture_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from xraylens.cli import app
+
+    load_split(load_source(fixture_dir / "pneumonia"), "val", 12, cache_dir=tmp_path)
+    run = CliRunner().invoke(app, ["cache", "list", "--cache-dir", str(tmp_path)])
+    assert run.exit_code == 0 and "1 entries" in run.output and str(tmp_path) in run.output
+    run = CliRunner().invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path), "--older-than", "1d"])
+    assert run.exit_code == 0 and "removed 0 entries" in run.output
+    run = CliRunner().invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path)])
+    assert run.exit_code == 0 and "removed 1 entries" in run.output and _files(tmp_path) == []
+
+
+def test_cache_files_honour_the_umask(fixture_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        c = load_split(load_source(fixture_dir / "pneumonia"), "val", 12, cache_dir=tmp_path)
+    finally:
+        os.umask(old)
+    for x in ("npy", "json"):
+        assert (tmp_path / f"{c.key}.{x}").stat().st_mode & 0o777 == 0o644
+
+
+def test_size_settings(monkeypatch):
+    assert parse_size("20G") == 20 * 1024**3 and parse_size("500m") == 500 * 1024**2
+    assert parse_size("1.5GiB") == int(1.5 * 1024**3) and parse_size("123") == 123 and parse_size("0") == 0
+    assert parse_size("unlimited") is None and parse_age("7d") == 7 * 86400 and parse_age("30m") == 1800
+    monkeypatch.delenv("XRAYLENS_CACHE_MAX", raising=False)
+    assert resolve_max_bytes() == 20 * 1024**3 and resolve_max_bytes(10) == 10 and resolve_max_bytes("1K") == 1024
+    monkeypatch.setenv("XRAYLENS_CACHE_MAX", "unlimited")
+    assert resolve_max_bytes() is None
+    monkeypatch.setenv("XRAYLENS_CACHE_MAX", "lots")
+    with pytest.raises(XraylensError, match=r"XRAYLENS_CACHE_MAX='lots' is not a size; set it to e.g. 20G"):
+        resolve_max_bytes()
+    for bad, match in ((-1, "max_bytes"), ("2X", "cache size")):
+        with pytest.raises(XraylensError, match=match):
+            resolve_max_bytes(bad)
+    with pytest.raises(XraylensError, match="age '7'"):
+        parse_age("7")
