@@ -270,6 +270,34 @@ def demo(
     typer.echo(summary)
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="List or clear the decoded-image cache ($XRAYLENS_CACHE, "
+                        "default ~/.cache/xraylens; size limit $XRAYLENS_CACHE_MAX, default 20G).")
+app.add_typer(cache_app, name="cache")
+CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Cache folder (default: $XRAYLENS_CACHE, "
+                                                  "else ~/.cache/xraylens; a config's data.cache_dir).")]
+
+
+@cache_app.command("list")
+def cache_list(cache_dir: CacheDirOpt = None) -> None:
+    """Entries, most recently used first, with the total and where the cache lives."""
+    from xraylens.data.cache import cache_entries, cache_root, format_cache_table, resolve_max_bytes
+
+    typer.echo(format_cache_table(cache_entries(cache_dir), cache_root(cache_dir), resolve_max_bytes()))
+
+
+@cache_app.command("clear")
+def cache_clear(
+    cache_dir: CacheDirOpt = None,
+    older_than: Annotated[str | None, typer.Option("--older-than", help="Only entries unused this long, "
+                                                   "e.g. 7d, 12h or 30m.")] = None,
+) -> None:
+    """Delete cache entries; they are decoded again when next needed. Live writers are left alone."""
+    from xraylens.data.cache import cache_root, clear_cache, format_bytes, parse_age
+
+    n, freed = clear_cache(cache_dir, older_than=parse_age(older_than) if older_than else None)
+    typer.echo(f"removed {n} entries ({format_bytes(freed)}) from {cache_root(cache_dir)}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
