@@ -274,11 +274,11 @@ def test_cache_cli(fixture_dir, tmp_path):
 
     load_split(load_source(fixture_dir / "pneumonia"), "val", 12, cache_dir=tmp_path)
     run = CliRunner().invoke(app, ["cache", "list", "--cache-dir", str(tmp_path)])
-    assert run.exit_code == 0 and "1 entries" in run.output and str(tmp_path) in run.output
+    assert run.exit_code == 0 and "1 entry," in run.output and str(tmp_path) in run.output
     run = CliRunner().invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path), "--older-than", "1d"])
     assert run.exit_code == 0 and "removed 0 entries" in run.output
     run = CliRunner().invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path)])
-    assert run.exit_code == 0 and "removed 1 entries" in run.output and _files(tmp_path) == []
+    assert run.exit_code == 0 and "removed 1 entry " in run.output and _files(tmp_path) == []
 
 
 def test_cache_files_honour_the_umask(fixture_dir, tmp_path):

@@ -403,8 +403,12 @@ def format_cache_table(entries: Sequence[CacheEntry], folder: Path, limit: int |
                            for i, (c, w) in enumerate(zip(r[:-1], widths, strict=True))) + "  " + r[-1]
                  for r in rows]
     total = sum(e.bytes for e in entries)
-    lines.append(f"{len(entries)} entries, {format_bytes(total)} of {cap} (XRAYLENS_CACHE_MAX) in {folder}")
+    lines.append(f"{_count(len(entries))}, {format_bytes(total)} of {cap} (XRAYLENS_CACHE_MAX) in {folder}")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _count(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
 
 
 def _touch(meta_path: Path) -> None:
