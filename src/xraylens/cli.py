@@ -295,7 +295,7 @@ def cache_clear(
     from xraylens.data.cache import cache_root, clear_cache, format_bytes, parse_age
 
     n, freed = clear_cache(cache_dir, older_than=parse_age(older_than) if older_than else None)
-    typer.echo(f"removed {n} entries ({format_bytes(freed)}) from {cache_root(cache_dir)}")
+    typer.echo(f"removed {n} {'entry' if n == 1 else 'entries'} ({format_bytes(freed)}) from {cache_root(cache_dir)}")
 
 
 def main() -> None:
