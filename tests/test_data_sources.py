@@ -40,7 +40,9 @@ def test_knee_fixture_class_folders_get_stratified_val(fixture_dir):
     assert src.split_info["val"] == {"from": "train", "fraction": 0.25, "seed": 3, "n": 10}
     assert src.split_info["layout"] == "class_folders"
     r = val[0]
-    assert r.id == Path(r.path).relative_to(fixture_dir / "knee_kl").as_posix()
+    # record paths and the source root are both resolved (the shared folder may be reached by a symlink)
+    assert Path(src.root) == (fixture_dir / "knee_kl").resolve()
+    assert r.id == Path(r.path).relative_to(src.root).as_posix()
     assert src.classes[r.label] == r.id.split("/")[0]
     # deterministic in the seed; another seed picks other images
     again = load_source(fixture_dir / "knee_kl", val_fraction=0.25, seed=3)
@@ -49,10 +51,33 @@ def test_knee_fixture_class_folders_get_stratified_val(fixture_dir):
     assert [r.id for r in other.split("val")] != [r.id for r in val]
 
 
-def test_small_class_still_gives_one_to_val(tmp_path):
-    src = load_source(_tree(tmp_path, {"": {"a": 2, "b": 40, "c": 1}}), val_fraction=0.1)
+def test_small_class_still_gives_one_to_val(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="xraylens.data"):
+        src = load_source(_tree(tmp_path, {"": {"a": 2, "b": 40, "c": 1}}), val_fraction=0.1)
     per = np.bincount([r.label for r in src.split("val")], minlength=3).tolist()
     assert per == [1, 4, 0]  # a: >=1 of 2; b: 10% of 40; c: a single image stays in train
+    # ...and the class missing from val is counted, named and warned about once
+    assert src.split_info["val"]["classes_without_val"] == ["c"]
+    assert [r.message.count("['c']") for r in caplog.records] == [1]
+
+
+def test_symlinked_data_folder(tmp_path):
+    real = _tree(tmp_path / "real", {"": {"a": 3, "b": 3}})
+    for i in range(2):
+        _png(tmp_path / "elsewhere" / "more" / f"x{i}.png")
+    (real / "b" / "more").symlink_to(tmp_path / "elsewhere" / "more", target_is_directory=True)
+    (real / "a" / "loop").symlink_to(real / "a", target_is_directory=True)  # must not recurse forever
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    src = load_source(link, val_fraction=0.0)
+    ids = sorted(r.id for r in src.records)
+    assert ids == ["a/img0.png", "a/img1.png", "a/img2.png", "b/img0.png", "b/img1.png", "b/img2.png",
+                   "b/more/x0.png", "b/more/x1.png"]
+    assert Path(src.root) == real.resolve()
+    for r in src.records:
+        assert Path(r.path).is_file() and Path(r.path) == Path(r.path).resolve()
+        if "more" not in r.id:
+            assert Path(r.path).relative_to(src.root).as_posix() == r.id
 
 
 def test_pneumonia_fixture(fixture_dir):
@@ -166,6 +191,30 @@ def test_manifest_errors(tmp_path):
     (tmp_path / "dup.csv").write_text("path,label\na.png,1\n./a.png,2\n")
     with pytest.raises(XraylensError, match="repeats"):
         load_source(tmp_path / "dup.csv")
+
+
+@pytest.mark.parametrize("content", [
+    "path,label\na.png,x\n".encode("utf-16"),  # Excel "Unicode text": BOM + UTF-16LE
+    "path,label\na.png,x\n".encode("utf-16-le"),  # no BOM: NUL bytes
+    b"\x89PNG\r\n\x1a\n" + bytes(range(256)),  # an image renamed .csv
+    "path,label\nb\u00e9b\u00e9.png,x\n".encode("latin-1"),  # an undecodable byte on line 2
+], ids=["utf16", "utf16le", "binary", "latin1"])
+def test_manifest_not_utf8_is_one_line(tmp_path, content):
+    (tmp_path / "m.csv").write_bytes(content)
+    with pytest.raises(XraylensError, match="is not a UTF-8 CSV file.*CSV UTF-8") as e:
+        load_source(tmp_path / "m.csv")
+    assert "\n" not in str(e.value)
+
+
+def test_manifest_label_only_in_val_or_test(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label,split\na.png,x,train\nb.png,y,train\nc.png,z,val\n"
+                                    "d.png,z,test\ne.png,x,val\n")
+    with pytest.raises(XraylensError, match=r"label\(s\) \['z'\] appear only in split\(s\) \['val', 'test'\], "
+                                            "never in 'train'"):
+        load_source(tmp_path / "m.csv")
+    # an evaluation-only manifest (no train rows) has no training to spoil
+    (tmp_path / "t.csv").write_text("path,label,split\na.png,x,test\nb.png,y,test\n")
+    assert load_source(tmp_path / "t.csv").classes == ["x", "y"]
 
 
 def test_npz_medmnist(tmp_path):

@@ -21,6 +21,7 @@ class Record:
     path: str | None = None  # absolute file path; None for in-memory sources (npz)
     array_index: int | None = None  # row in the npz array for in-memory sources
     clinical: dict[str, Any] | None = None
+    group: str | None = None  # patient (or other) group: never split between train and the carved val
 
 
 @dataclass
