@@ -119,7 +119,8 @@ def prepare_run_dir(out: Path, resume: bool) -> Path | None:
 def load_data(cfg: RunConfig, progress: bool = False):
     """Source, cached train/val splits and the data report, through the one data path."""
     d = cfg.data
-    source = load_source(d.path, val_fraction=d.val_fraction, seed=d.split_seed)
+    source = load_source(d.path, val_fraction=d.val_fraction, seed=d.split_seed, group_pattern=d.group_pattern,
+                         group_column=d.group_column)
     for split in (d.train_split, d.val_split):
         if split not in source.splits:
             raise XraylensError(f"{d.path} has no {split!r} split (found: {', '.join(source.splits)})")
@@ -143,6 +144,12 @@ def load_data(cfg: RunConfig, progress: bool = False):
             for name, c in ((d.train_split, train), (d.val_split, val))
         },
     }
+    if "groups" in source.split_info:
+        # patient grouping: how many groups, which images had none, and any group in two splits
+        report["groups"] = source.split_info["groups"]
+        report["leaked_groups"] = source.split_info.get("leaked_groups")
+        for name in (d.train_split, d.val_split):
+            report["splits"][name]["n_groups"] = len({r.group or f"\0{r.id}" for r in source.split(name)})
     return source, train, val, report
 
 
