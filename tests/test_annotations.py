@@ -24,6 +24,7 @@ from xraylens.data.annotations import (
     read_nih,
     read_object_cxr,
     shape_to_input,
+    shapes_on_images,
 )
 from xraylens.data.records import Geometry, center_crop_box
 from xraylens.errors import XraylensError
@@ -57,8 +58,9 @@ def test_nih_fixture_both_layouts(fixture_dir):
 
 def test_coco_fixture_has_two_bad_entries(shared_data):
     path = shared_data / "lung_seg" / "imageannotation_ai_lung_bounding_boxes.json"
-    with pytest.raises(XraylensError, match=r"annotations\[316\]: x 'None' is not a number; .*skip_bad"):
+    with pytest.raises(XraylensError, match=r"annotations\[316\]: x 'None' is not a number; .*--skip-bad") as e:
         read_coco(path)
+    assert "skip_bad" not in str(e.value)  # the CLI user's option, not the Python keyword
     ann = read_coco(path, skip_bad=True)
     assert [r for r, _ in ann.skipped] == ["annotations[316]", "annotations[317]"]
     assert len(ann) == 167
@@ -102,6 +104,7 @@ def test_object_cxr_malformed_rows(tmp_path, line, message):
     with pytest.raises(XraylensError) as e:
         read_object_cxr(p)
     assert f"dev.csv {message}" in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).endswith("or pass --skip-bad to skip it")
     ann = read_object_cxr(p, skip_bad=True)
     assert len(ann.skipped) == 1 and ann.skipped[0][0] == 3
     assert set(ann) == {"a.png", "c.png"} and ann["c.png"].is_empty  # empty annotation = normal image
@@ -215,3 +218,76 @@ def test_batch_helpers():
     boxes = pack_boxes([[Rectangle(1, 1, 5, 5)], []], [IDENT] * 2)
     assert boxes.shape == (2, 1, 4) and np.isnan(boxes[1]).all()
     assert annotations_for(["x", "y"], {}) == [[], []]
+
+
+# ------------------------------------------------------------------------------------ nothing usable
+
+
+def test_all_rows_bad_is_a_clear_error_not_an_empty_set(tmp_path):
+    p = _write(tmp_path, "dev.csv", "image_name,annotation\na.png,0 1 1\nb.png,9 1 1 5 5\nc.png,0 x 1 5 5\n")
+    with pytest.raises(XraylensError) as e:
+        read_object_cxr(p, skip_bad=True)
+    msg = str(e.value)
+    assert msg.startswith("dev.csv: no usable annotations, 3 bad entries skipped and no shape left (first: row 2: "
+                          "rectangle needs exactly 4 coordinates")
+    assert "row 3: shape type 9" in msg and "row 4: coordinate 'x'" in msg and "\n" not in msg
+    p = _write(tmp_path, "nih.csv", "image,label,x,y,w,h\na.png,Mass,1,2,0,4\n")
+    with pytest.raises(XraylensError, match=r"nih.csv: no usable annotations, 1 bad entry skipped .*row 2: box"):
+        read_nih(p, skip_bad=True)
+    data = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 1, "bbox": [0, 0, None, 1]}]}
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    with pytest.raises(XraylensError, match=r"c.json: no usable annotations.*annotations\[0\]: w 'None'"):
+        read_coco(tmp_path / "c.json", skip_bad=True)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "a.png").write_text("not a png")
+    with pytest.raises(XraylensError, match=r"masks: no usable annotations.*a.png: cannot read mask"):
+        read_mask_folder(masks, skip_bad=True)
+
+
+def test_header_only_and_all_normal_files(tmp_path):
+    with pytest.raises(XraylensError, match="dev.csv lists no images; expected one entry per annotated image"):
+        read_object_cxr(_write(tmp_path, "dev.csv", "image_name,annotation\n"))
+    with pytest.raises(XraylensError, match="lists no images"):
+        read_nih(_write(tmp_path, "nih.csv", "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"))
+    # only normal images is valid (no shapes, nothing skipped)
+    assert read_object_cxr(_write(tmp_path, "normal.csv", "image_name,annotation\na.png,\n"))["a.png"].is_empty
+
+
+# ---------------------------------------------------------------------------- shapes the model cannot see
+
+
+def test_shapes_outside_the_crop_are_dropped_and_recorded(fixture_dir):
+    from xraylens.data.cache import prepare_image
+
+    folder = fixture_dir / "cxr_bbox"
+    annots = read_object_cxr(folder / "dev_objectcxr_format.csv")
+    keys = ["00014731_028.png", "00021703_001.png", "00028452_001.png", "not-annotated.png", None]
+    # 256 x 256 images, centre crop 0.5: the model sees x, y in [64, 192)
+    geoms = [prepare_image(folder / "images" / k, 64, center_crop=0.5)[1] for k in keys[:3]]
+    geoms += geoms[:2]
+    shapes = shapes_on_images(keys, annots, geoms)
+    assert shapes[0] == []  # its one box (x 193-222) lies right of the crop
+    assert annots.dropped["00014731_028.png"] == (
+        1, "1 of 1 shape(s) dropped: rectangle x 193-222, y 66-102 lies outside the centre crop the model sees "
+           "(x 64-192, y 64-192)")
+    assert shapes[1] == annots["00021703_001.png"].shapes  # partly inside: all three kept
+    assert shapes[2] == annots["00028452_001.png"].shapes
+    assert shapes[3:] == [[], []] and set(annots.dropped) == {"00014731_028.png"}
+    # what used to happen silently: the image had a shape, yet its raster is empty
+    assert not rasterize_batch(shapes[:1], geoms[:1]).any()
+
+
+def test_shapes_outside_the_image_name_the_annotation_frame(fixture_dir):
+    from xraylens.data.cache import prepare_image
+
+    folder = fixture_dir / "cxr_bbox"
+    annots = read_object_cxr(folder / "dev_objectcxr_format.csv")
+    key = "00021703_001.png"
+    g = prepare_image(folder / "images" / key, 64)[1]
+    # drawn on a 128 px copy: coordinates double on the 256 px file, so x or y >= 128 falls off the image
+    (kept,) = shapes_on_images([key], annots, [g], ref_size=(128, 128))
+    assert [type(s) for s in kept] == [Rectangle]  # y 125-178: its top rows stay on the image
+    count, reason = annots.dropped[key]
+    assert count == 2 and reason == ("2 of 3 shape(s) dropped: ellipse x 141-193, y 128-167 lies outside the "
+                                     "128x128 image; polygon x 28-68, y 165-179 lies outside the 128x128 image")

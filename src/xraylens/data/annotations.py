@@ -118,12 +118,15 @@ class AnnotationSet(dict[str, Annotation]):
     """`{image file name as written in the file: Annotation}` plus what was skipped.
 
     `skipped` holds `(row, reason)` for rows dropped with `skip_bad=True` (row = spreadsheet row, or the
-    index in the COCO `annotations` list, or the mask file name)."""
+    index in the COCO `annotations` list, or the mask file name). `dropped` holds, per image key,
+    `(count, reason)` for shapes that `shapes_on_images` left out because the model sees none of them
+    (outside the image or its centre crop)."""
 
     def __init__(self, source: str = "") -> None:
         super().__init__()
         self.source = source
         self.skipped: list[tuple[int | str, str]] = []
+        self.dropped: dict[str, tuple[int, str]] = {}
 
     def _get(self, key: str) -> Annotation:
         if key not in self:
@@ -180,11 +183,28 @@ def _open_csv(path: Path) -> list[list[str]]:
     return rows
 
 
+def _where(row: int | str) -> str:
+    return f"row {row}" if isinstance(row, int) else str(row)
+
+
 def _bad(out: AnnotationSet, name: str, row: int | str, reason: str, skip_bad: bool, hint: str) -> None:
     if not skip_bad:
-        where = f"row {row}" if isinstance(row, int) else str(row)
-        raise XraylensError(f"{name} {where}: {reason}; {hint}")
+        raise XraylensError(f"{name} {_where(row)}: {reason}; {hint}")
     out.skipped.append((row, reason))
+
+
+def _require_usable(out: AnnotationSet, name: str) -> AnnotationSet:
+    """Refuse a file that yields nothing to evaluate, so the caller never works on an empty set."""
+    if any(a.shapes for a in out.values()):
+        return out
+    if out.skipped:
+        first = "; ".join(f"{_where(r)}: {why}" for r, why in out.skipped[:3])
+        raise XraylensError(f"{name}: no usable annotations, {len(out.skipped)} bad entr"
+                            f"{'y' if len(out.skipped) == 1 else 'ies'} skipped and no shape left "
+                            f"(first: {first}); fix the file")
+    if not out:
+        raise XraylensError(f"{name} lists no images; expected one entry per annotated image")
+    return out  # every image normal (no shape): a valid, if unusual, file
 
 
 def read_object_cxr(path: str | os.PathLike, skip_bad: bool = False, label: str = "object") -> AnnotationSet:
@@ -204,7 +224,7 @@ def read_object_cxr(path: str | os.PathLike, skip_bad: bool = False, label: str 
         )
     i_img, i_ann = header.index("image_name"), header.index("annotation")
     out = AnnotationSet(str(path))
-    hint = "fix or delete the row, or pass skip_bad=True to skip it"
+    hint = "fix or delete the row, or pass --skip-bad to skip it"
     for rownum, row in enumerate(rows[1:], start=2):
         if not any(c.strip() for c in row):
             continue  # blank line
@@ -224,7 +244,7 @@ def read_object_cxr(path: str | os.PathLike, skip_bad: bool = False, label: str 
         ann = out._get(key)
         for s in shapes:
             ann._add(s, label)
-    return out
+    return _require_usable(out, path.name)
 
 
 def read_nih(path: str | os.PathLike, skip_bad: bool = False) -> AnnotationSet:
@@ -245,7 +265,7 @@ def read_nih(path: str | os.PathLike, skip_bad: bool = False) -> AnnotationSet:
             "'Image Index,Finding Label,Bbox [x,y,w,h]' nor 'image,label,x,y,w,h'; fix the header"
         )
     out = AnnotationSet(str(path))
-    hint = "fix or delete the row, or pass skip_bad=True to skip it"
+    hint = "fix or delete the row, or pass --skip-bad to skip it"
     for rownum, row in enumerate(rows[1:], start=2):
         if not any(c.strip() for c in row):
             continue
@@ -270,7 +290,7 @@ def read_nih(path: str | os.PathLike, skip_bad: bool = False) -> AnnotationSet:
             _bad(out, path.name, rownum, str(exc), skip_bad, hint)
             continue
         out._get(key)._add(Rectangle(x, y, x + w, y + h, label=lab or None), lab)
-    return out
+    return _require_usable(out, path.name)
 
 
 def read_coco(path: str | os.PathLike, skip_bad: bool = False, use_segmentation: bool = True) -> AnnotationSet:
@@ -298,7 +318,7 @@ def read_coco(path: str | os.PathLike, skip_bad: bool = False, use_segmentation:
         entry = out._get(im["file_name"])
         if isinstance(im.get("width"), (int, float)) and isinstance(im.get("height"), (int, float)):
             entry.size = (int(im["width"]), int(im["height"]))
-    hint = "fix the entry, or pass skip_bad=True to skip it"
+    hint = "fix the entry, or pass --skip-bad to skip it"
     for i, a in enumerate(anns):
         where = f"annotations[{i}]"
         try:
@@ -328,7 +348,7 @@ def read_coco(path: str | os.PathLike, skip_bad: bool = False, use_segmentation:
         ann = out[by_id[a["image_id"]]]
         for s in shapes:
             ann._add(s, label)
-    return out
+    return _require_usable(out, path.name)
 
 
 _MASK_EXT = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".gif"}
@@ -350,7 +370,8 @@ def read_mask_folder(folder: str | os.PathLike, skip_bad: bool = False, label: s
             with Image.open(p) as im:
                 arr = np.asarray(im)
         except (OSError, UnidentifiedImageError) as exc:
-            _bad(out, folder.name, p.name, f"cannot read mask ({exc})", skip_bad, "replace or remove the file")
+            _bad(out, folder.name, p.name, f"cannot read mask ({exc})", skip_bad,
+                 "replace or remove the file, or pass --skip-bad to skip it")
             continue
         if arr.ndim == 3:  # RGB(A) masks: inside where any colour channel is set, alpha ignored
             arr = arr[..., :3].any(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
@@ -359,7 +380,7 @@ def read_mask_folder(folder: str | os.PathLike, skip_bad: bool = False, label: s
         ann._add(Mask(m, label=label) if m.any() else None, label if m.any() else None)
     if not out and not out.skipped:
         raise XraylensError(f"no mask images in {folder}; expected PNG/BMP/TIFF/JPEG files named like the images")
-    return out
+    return _require_usable(out, folder.name)
 
 
 # ------------------------------------------------------------------------------------ geometry mapping
@@ -543,3 +564,52 @@ def annotations_for(
         shapes = [] if ann is None else (ann.shapes if label is None else ann.select(label))
         out.append(list(shapes))
     return out
+
+
+# ------------------------------------------------------------------------------ shapes the model sees
+
+
+def shapes_on_images(keys: Sequence[str | None], annots: AnnotationSet, geometries: Sequence[Geometry],
+                     label: str | None = None, ref_size: tuple[float, float] | None = None) -> list[list[Shape]]:
+    """Shapes per image, ready to rasterise on each geometry's input grid: moved from the frame they
+    were drawn in (`ref_size` (width, height), else the annotation's declared size, else the image
+    itself) onto the decoded image, then without the shapes that cover no model-input pixel (outside
+    the image or its centre crop). Those are recorded in `annots.dropped[key]` as (count, reason),
+    rather than silently turning an annotated image into a "normal" one. A key of None or one not in
+    `annots` gives []."""
+    out: list[list[Shape]] = []
+    for key, g in zip(keys, geometries, strict=True):
+        ann = annots.get(key) if key is not None else None
+        if ann is None:
+            out.append([])
+            continue
+        drawn = list(ann.shapes if label is None else ann.select(label))
+        frame = ref_size or ann.size or (g.orig_w, g.orig_h)
+        moved = rescale_shapes(drawn, frame, (g.orig_w, g.orig_h))
+        kept, reasons = [], []
+        for orig, s in zip(drawn, moved, strict=True):
+            if rasterize_instances([s], g)[0].any():
+                kept.append(s)
+            else:
+                reasons.append(_why_unseen(orig, s, g, frame))
+        if reasons:
+            shown = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
+            annots.dropped[key] = (len(reasons), f"{len(reasons)} of {len(drawn)} shape(s) dropped: {shown}")
+        out.append(kept)
+    return out
+
+
+def _why_unseen(orig: Shape, moved: Shape, g: Geometry, frame: tuple[float, float]) -> str:
+    """Why a shape covers no input pixel, in the coordinates of the annotation file (`orig`, `frame`)."""
+    kind = type(orig).__name__.lower()
+    ox0, oy0, ox1, oy1 = orig.bbox
+    what = f"{kind} x {ox0:g}-{ox1:g}, y {oy0:g}-{oy1:g}"
+    x0, y0, x1, y1 = moved.bbox  # decoded-image coordinates, where the image and crop boxes live
+    if x1 <= 0 or y1 <= 0 or x0 >= g.orig_w or y0 >= g.orig_h:
+        return f"{what} lies outside the {frame[0]:g}x{frame[1]:g} image"
+    cx, cy, cw, ch = g.crop
+    if x1 <= cx or y1 <= cy or x0 >= cx + cw or y0 >= cy + ch:
+        fx, fy = frame[0] / g.orig_w, frame[1] / g.orig_h
+        return (f"{what} lies outside the centre crop the model sees "
+                f"(x {cx * fx:g}-{(cx + cw) * fx:g}, y {cy * fy:g}-{(cy + ch) * fy:g})")
+    return f"{what} covers no pixel centre of the {g.out_w}x{g.out_h} model input"
