@@ -1,18 +1,22 @@
-"""CamEngine contracts: one pass, targets, constant maps, hook hygiene, in-place ReLU, memory."""
+"""CamEngine contracts: one pass, targets (class and callable), constant maps, hook hygiene, in-place ReLU,
+memory, and the one logits -> probabilities rule."""
 
 from __future__ import annotations
 
 import gc
 
+import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from xraylens.errors import XraylensError
-from xraylens.explain import CamEngine, explain
+from xraylens.explain import CamEngine, ClassTarget, SegmentationTarget, explain
 from xraylens.explain.methods import METHODS, gradcam
+from xraylens.ops import class_probabilities, class_probabilities_np
 
 GRAD_METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "normgrad-scaling",
                 "normgrad-conv1x1", "normgrad-conv3x3", "eigencam"]
@@ -303,3 +307,135 @@ def test_every_zoo_model_explains_at_64px():
             assert torch.isfinite(res.maps[m]).all(), (name, m)
         assert not res.constant["normgrad-conv3x3"].any(), name
         assert _no_hooks(net) and all(p.grad is None for p in net.parameters()), name
+
+
+# -- logits -> probabilities ------------------------------------------------------------------------
+def test_class_probabilities_one_rule_for_softmax_and_single_logit():
+    z = torch.tensor([[-30.0], [0.0], [2.0]], dtype=torch.float16)
+    p = class_probabilities(z)
+    assert p.dtype == torch.float32 and p.shape == (3, 2)
+    assert torch.allclose(p[:, 1], torch.sigmoid(z.float())[:, 0]) and torch.allclose(p.sum(1), torch.ones(3))
+    assert p[0, 1] > 0  # sigmoid(-z) form: the small side does not round to 0 early
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(class_probabilities(logits), torch.softmax(logits, 1))
+    assert np.allclose(class_probabilities_np(z.numpy()), p.numpy())
+    assert class_probabilities_np(np.zeros((0, 4))).shape == (0, 4)
+    with pytest.raises(XraylensError, match=r"logits \[B, K\]"):
+        class_probabilities(torch.zeros(3))
+
+
+# -- callable targets -------------------------------------------------------------------------------
+def test_class_target_gives_the_same_maps_as_class_indices(model, x):
+    with CamEngine(model, ["layer4"]) as engine:
+        for plain, fn in [(1, ClassTarget(1)), (torch.tensor([2, 0, 1]), ClassTarget([2, 0, 1]))]:
+            a = engine(x, GRAD_METHODS, targets=plain)
+            b = engine(x, GRAD_METHODS, targets=fn)
+            assert torch.equal(a.targets, b.targets)
+            for m in GRAD_METHODS:
+                assert torch.equal(a.maps[m], b.maps[m]), m
+        prob = engine(x, "gradcam,layercam", targets=0, score="prob")
+        prob_fn = engine(x, ["gradcam", "layercam"], targets=ClassTarget(0, prob=True))
+        assert torch.equal(prob.maps["layercam"], prob_fn.maps["layercam"])
+        # a plain callable works too; it names no class, so targets are -1 and probs NaN
+        lam = engine(x, "gradcam", targets=lambda out: out[:, 1])
+        assert torch.equal(lam.maps["gradcam"], engine(x, "gradcam", targets=1).maps["gradcam"])
+        assert lam.targets.tolist() == [-1, -1, -1] and torch.isnan(lam.probs).all()
+        assert lam.preds.shape == (3,)
+    net = _Tiny().eval()
+    xb = torch.randn(3, 1, 32, 24, generator=torch.Generator().manual_seed(4))
+    with CamEngine(net) as engine:  # Score-CAM through the same target
+        s1 = engine(xb, "scorecam", targets=torch.tensor([0, 1, 1]), score="prob")
+        s2 = engine(xb, "scorecam", targets=ClassTarget([0, 1, 1], prob=True))
+    assert torch.equal(s1.maps["scorecam"], s2.maps["scorecam"])
+    binary = timm.create_model("resnet18", num_classes=1, in_chans=1).eval()
+    a = explain(binary, x, "hirescam", layers=["layer4"], targets=0)
+    b = explain(binary, x, "hirescam", layers=["layer4"], targets=ClassTarget(0))
+    assert torch.equal(a.maps["hirescam"], b.maps["hirescam"]) and b.targets.tolist() == [0, 0, 0]
+
+
+class _Segmenter(nn.Module):
+    """A tiny segmentation net, [B,1,H,W] -> [B,2,H,W], whose output at a pixel depends only on a small
+    neighbourhood of the input (3x3 convs, stride 2, 1x1 head): the evidence for a region's score lies
+    in that region. Positive weights and no biases make the features grow with the input's brightness,
+    so the ground truth is known: the bright blob inside the mask, nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(),
+                                      nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1, bias=False)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.abs_()
+
+    def forward(self, x):
+        return F.interpolate(self.head(self.features(x)), scale_factor=2, mode="nearest")
+
+
+def _two_blobs(b: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = torch.zeros(b, 1, 40, 48)
+    left = torch.zeros(40, 48, dtype=torch.bool)
+    right = torch.zeros(40, 48, dtype=torch.bool)
+    left[12:22, 6:16] = True
+    right[18:28, 30:40] = True
+    x[:, 0][:, left] = 1.0
+    x[:, 0][:, right] = 2.0  # the brighter blob: a class-score map would peak here
+    return x, left, right
+
+
+def test_segmentation_target_highlights_the_masked_region():
+    torch.manual_seed(0)
+    net = _Segmenter().eval()
+    x, left, right = _two_blobs()
+    for mask, inside, outside in [(left, left, right), (right, right, left)]:
+        res = explain(net, x, ["hirescam", "layercam", "gradcam"], layers=["features"],
+                      targets=SegmentationTarget(1, mask))
+        assert res.logits.shape == (2, 2, 40, 48)
+        assert res.targets.tolist() == [-1, -1] and torch.isnan(res.probs).all()
+        for m in ("hirescam", "layercam"):  # element-wise methods: evidence only where the mask reads
+            cam = res.maps[m][:, 0]
+            assert not res.constant[m].any(), m
+            assert cam[:, inside].mean() > 0.5, m
+            assert cam[:, outside].max() == 0, m
+            peak = cam.flatten(1).argmax(1)
+            assert inside.flatten()[peak].all(), m
+        # Grad-CAM's channel weights are global: it sees both blobs, but still a valid map
+        assert res.maps["gradcam"].shape == (2, 1, 40, 48) and not res.constant["gradcam"].any()
+
+
+def test_segmentation_target_per_image_masks_and_scorecam():
+    torch.manual_seed(0)
+    net = _Segmenter().eval()
+    x, left, right = _two_blobs(3)
+    masks = torch.stack([left, right, left])
+    with CamEngine(net, ["features.2"]) as engine:
+        full = engine(x, ["scorecam", "hirescam"], targets=SegmentationTarget(1, masks), scorecam_batch_size=5)
+        for i in range(3):
+            solo = engine(x[i:i + 1], ["scorecam", "hirescam"], targets=SegmentationTarget(1, masks[i]))
+            for m in ("scorecam", "hirescam"):
+                assert torch.allclose(full.maps[m][i], solo.maps[m][0], atol=1e-5), (m, i)
+    assert torch.equal(full.maps["hirescam"][0, 0] > 0, full.maps["hirescam"][2, 0] > 0)
+    assert not torch.equal(full.maps["hirescam"][0], full.maps["hirescam"][1])
+
+
+@pytest.mark.parametrize(
+    "targets, kw, match",
+    [
+        ("pred", {}, "callable target"),  # a segmentation output has no class logits
+        (SegmentationTarget(1, torch.ones(40, 48)), {"score": "prob"}, "defines its own score"),
+        (lambda out: out.sum(), {}, "one score per image"),
+        (SegmentationTarget(5, torch.ones(40, 48)), {}, "out of range"),
+        (SegmentationTarget(1, torch.ones(20, 24)), {}, "does not fit"),
+        (ClassTarget(0), {}, r"logits \[B, K\]"),
+    ],
+)
+def test_bad_callable_targets_raise_one_line_errors(targets, kw, match):
+    net = _Segmenter().eval()
+    x, _, _ = _two_blobs()
+    with pytest.raises(XraylensError, match=match) as exc:
+        explain(net, x, "gradcam", layers=["features"], targets=targets, **kw)
+    assert "\n" not in str(exc.value)
+    assert _no_hooks(net)
+    res = explain(net, x, "eigencam", layers=["features"], targets=SegmentationTarget(0, torch.ones(40, 48)))
+    with pytest.raises(XraylensError, match="preds need logits"):
+        _ = res.preds
