@@ -78,17 +78,57 @@ def test_cam_grid_titles_blanks_and_png(tmp_path):
         cam_grid(images, cams[:2])
 
 
-def test_cam_grid_titles_text(monkeypatch):
-    """Tile titles: true class, prediction with probability, "Good" at >= 0.85."""
+@pytest.fixture
+def titles(monkeypatch):
+    """(text, colour) of every tile title cam_grid sets."""
     from matplotlib.axes import Axes
 
-    seen = []
+    seen: list[tuple[str, str]] = []
     orig = Axes.set_title
-    monkeypatch.setattr(Axes, "set_title", lambda self, t, **kw: (seen.append(t), orig(self, t, **kw))[1])
+    monkeypatch.setattr(Axes, "set_title",
+                        lambda self, t, **kw: (seen.append((t, kw.get("color"))), orig(self, t, **kw))[1])
+    return seen
+
+
+def _grid(n, **kw):
     grey, cam = _ramp()
-    cam_grid(np.stack([grey] * 2), np.stack([cam] * 2), true=[1, 0], pred=[1, 1], probs=[0.85, 0.6],
-             class_names=["NORMAL", "PNEUMONIA"])
-    assert seen == ["PNEUMONIA | pred PNEUMONIA 0.85 | Good", "NORMAL | pred PNEUMONIA 0.60"]
+    return cam_grid(np.stack([grey] * n), np.stack([cam] * n), class_names=["NORMAL", "PNEUMONIA"], **kw)
+
+
+def test_cam_grid_titles_text(titles):
+    """Tile titles: true class, prediction with probability; "Good" = correct and p >= 0.85."""
+    _grid(4, true=[1, 0, 0, 1], pred=[1, 1, 0, 1], probs=[0.85, 0.6, 0.5, 0.84])
+    assert titles == [("PNEUMONIA | pred PNEUMONIA 0.85 | Good", "green"),
+                      ("NORMAL | pred PNEUMONIA 0.60 | wrong", "red"),
+                      ("NORMAL | pred NORMAL 0.50", "green"),
+                      ("PNEUMONIA | pred PNEUMONIA 0.84", "green")]
+
+
+def test_cam_grid_confident_wrong_prediction_is_not_good(titles):
+    # the seed notebooks' "Good" means a correct prediction scored >= 85 %, never a confident mistake
+    _grid(1, true=[1], pred=[0], probs=[0.90])
+    assert titles == [("PNEUMONIA | pred NORMAL 0.90 | wrong", "red")]
+
+
+def test_cam_grid_unlabelled_tiles_are_neither_right_nor_wrong(titles):
+    _grid(2, true=None, pred=[0, 1], probs=[0.95, 0.4])
+    assert titles == [("pred NORMAL 0.95", "black"), ("pred PNEUMONIA 0.40", "black")]
+    titles.clear()
+    # per tile: -1 or None = no label for that image; the labelled ones are still judged
+    _grid(3, true=np.array([-1, 0, -1]), pred=[0, 1, 1], probs=[0.9, 0.9, 0.9])
+    _grid(2, true=[None, 1], pred=torch.tensor([0, 1]), probs=[0.9, 0.9])
+    assert titles == [("pred NORMAL 0.90", "black"), ("NORMAL | pred PNEUMONIA 0.90 | wrong", "red"),
+                      ("pred PNEUMONIA 0.90", "black"),
+                      ("pred NORMAL 0.90", "black"), ("PNEUMONIA | pred PNEUMONIA 0.90 | Good", "green")]
+
+
+def test_cam_grid_blank_wrong_keeps_unlabelled_tiles():
+    kw = {"true": [-1, -1], "pred": [0, 1], "probs": [0.9, 0.9], "ncols": 2}
+    assert _grid(2, blank_wrong=True, **kw) == _grid(2, blank_wrong=False, **kw)
+    with pytest.raises(XraylensError, match="3 true values for 2 images; pass one per image"):
+        _grid(2, true=[0, 1, 1], pred=[0, 1])
+    with pytest.raises(XraylensError, match="1 probabilities for 2 images"):
+        _grid(2, pred=[0, 1], probs=[0.5])
 
 
 def test_npz_roundtrip_float16(tmp_path):

@@ -84,11 +84,24 @@ def side_by_side(grey: Any, cams: Any | Sequence[Any], cmap: str = "jet", alpha:
     return np.concatenate(out, axis=1)
 
 
-def _names(names: Sequence[str] | None, idx: Any, n: int) -> list[str | None]:
+def _indices(idx: Any, n: int, what: str) -> list[int | None]:
+    """Class indices, one per image; None, NaN or a negative index (-1) = unknown for that image."""
     if idx is None:
         return [None] * n
-    vals = [int(v) for v in _np(idx).reshape(-1)]
-    return [names[v] if names is not None and 0 <= v < len(names) else str(v) for v in vals]
+    vals = list(idx) if isinstance(idx, (list, tuple)) else list(_np(idx).reshape(-1))
+    if len(vals) != n:
+        raise XraylensError(f"{len(vals)} {what} values for {n} images; pass one per image (None or -1 if unknown)")
+    out: list[int | None] = []
+    for v in vals:
+        v = v.item() if hasattr(v, "item") else v
+        out.append(None if v is None or (isinstance(v, float) and math.isnan(v)) or int(v) < 0 else int(v))
+    return out
+
+
+def _name(names: Sequence[str] | None, v: int | None) -> str | None:
+    if v is None:
+        return None
+    return names[v] if names is not None and 0 <= v < len(names) else str(v)
 
 
 def cam_grid(
@@ -109,10 +122,16 @@ def cam_grid(
 ) -> bytes:
     """A grid of CAM overlays as PNG bytes (also written to ``path`` if given).
 
-    Each tile is titled ``<true class> | pred <predicted> <prob>`` and ``| Good`` when the probability
-    reaches ``good_threshold`` (the convention of the pneumonia CAM-cycle notebooks). With
-    ``blank_wrong`` a wrongly predicted image is drawn as an empty tile, so only correct localisations
-    are on show. ``true``/``pred`` are class indices (named through ``class_names``) or None.
+    Each tile is titled ``<true class> | pred <predicted> <prob>``. When the true class is known the
+    title is green for a correct prediction and red with ``| wrong`` for a wrong one; ``| Good`` marks a
+    correct prediction whose probability reaches ``good_threshold`` (the convention of the pneumonia
+    CAM-cycle notebooks: "Good" = correct with a score >= 85 %). With ``blank_wrong`` a wrongly predicted
+    image is drawn as an empty tile, so only correct localisations are on show.
+
+    ``true``/``pred`` are class indices (named through ``class_names``), one per image, or None. An
+    unlabelled image (``true=None``, or None / -1 for that tile) shows no true class and is marked
+    neither right nor wrong: black title, no Good, never blanked. ``probs`` is the probability of the
+    predicted class.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -126,10 +145,10 @@ def cam_grid(
     n = len(imgs)
     if len(maps) != n:
         raise XraylensError(f"{n} images but {len(maps)} CAMs; pass one CAM per image")
-    true_n, pred_n = _names(class_names, true, n), _names(class_names, pred, n)
+    tvals, pvals = _indices(true, n, "true"), _indices(pred, n, "pred")
     p = [None] * n if probs is None else [float(v) for v in _np(probs).reshape(-1)]
-    tvals = None if true is None else _np(true).reshape(-1)
-    pvals = None if pred is None else _np(pred).reshape(-1)
+    if len(p) != n:
+        raise XraylensError(f"{len(p)} probabilities for {n} images; pass one per image")
     ncols = ncols or max(1, math.ceil(math.sqrt(n)))
     nrows = max(1, math.ceil(n / ncols))
     fig = Figure(figsize=(ncols * tile_inches, nrows * (tile_inches + 0.35)), dpi=100)
@@ -139,19 +158,24 @@ def cam_grid(
         ax.set_axis_off()
         if i >= n:
             continue
-        wrong = tvals is not None and pvals is not None and int(tvals[i]) != int(pvals[i])
+        # right / wrong only when both classes are known: an unlabelled image is neither
+        judged = tvals[i] is not None and pvals[i] is not None
+        wrong = judged and tvals[i] != pvals[i]
         if not (blank_wrong and wrong):
             ax.imshow(overlay(imgs[i], maps[i], cmap, alpha))
         parts = [titles[i]] if titles is not None else []
-        if true_n[i] is not None:
-            parts.append(true_n[i])
-        if pred_n[i] is not None:
-            parts.append(f"pred {pred_n[i]}" + (f" {p[i]:.2f}" if p[i] is not None else ""))
+        if tvals[i] is not None:
+            parts.append(str(_name(class_names, tvals[i])))
+        if pvals[i] is not None:
+            parts.append(f"pred {_name(class_names, pvals[i])}" + (f" {p[i]:.2f}" if p[i] is not None else ""))
         elif p[i] is not None:
             parts.append(f"{p[i]:.2f}")
-        if p[i] is not None and p[i] >= good_threshold:
+        if wrong:
+            parts.append("wrong")  # in words too: red and green alone fail colour-blind readers
+        elif judged and p[i] is not None and p[i] >= good_threshold:
             parts.append("Good")
-        ax.set_title(" | ".join(parts), fontsize=7, color="red" if wrong else "black")
+        color = ("red" if wrong else "green") if judged else "black"
+        ax.set_title(" | ".join(parts), fontsize=7, color=color)
     fig.tight_layout(pad=0.4)
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())
