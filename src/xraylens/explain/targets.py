@@ -44,10 +44,13 @@ class ClassTarget:
             raise XraylensError(f"ClassTarget takes one class index or one per image, got shape {tuple(t.shape)}")
         self.k = t
         self.prob = prob
+        self._valid_for: int | None = None  # class count the indices were checked against
 
     def classes(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The class explained for each of ``n`` images, [n] long."""
-        t = self.k if device is None else self.k.to(device)
+        if device is not None and self.k.device != torch.device(device):
+            self.k = self.k.to(device)  # kept there: one copy, not one per call
+        t = self.k
         if t.ndim == 0:
             return t.expand(n).clone()
         if t.numel() != n:
@@ -60,8 +63,12 @@ class ClassTarget:
         scores = class_scores(output, self.prob)
         t = self.classes(output.shape[0], output.device)
         k = scores.shape[1]
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= k):
-            raise XraylensError(f"target classes must lie in 0..{k - 1} for this model, got {t.tolist()}")
+        # checked once per class count: Score-CAM calls the target once per channel, and each check
+        # would wait for the GPU
+        if self._valid_for != k:
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= k):
+                raise XraylensError(f"target classes must lie in 0..{k - 1} for this model, got {t.tolist()}")
+            self._valid_for = k
         return scores.gather(1, t[:, None]).squeeze(1)
 
     def __repr__(self) -> str:
@@ -92,5 +99,7 @@ class SegmentationTarget:
         if tuple(self.mask.shape[-2:]) != (h, w) or (self.mask.ndim == 3 and self.mask.shape[0] != b):
             raise XraylensError(f"mask {tuple(self.mask.shape)} does not fit outputs {tuple(output.shape)}; "
                                 "give [H,W] or [B,H,W] at the output's resolution")
-        m = self.mask.to(device=output.device, dtype=output.dtype)
+        if self.mask.device != output.device or self.mask.dtype != output.dtype:
+            self.mask = self.mask.to(device=output.device, dtype=output.dtype)  # once, not once per call
+        m = self.mask
         return (output[:, self.class_index] * m).sum(dim=(-2, -1))
