@@ -39,4 +39,4 @@ def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 def class_probabilities_np(logits: np.ndarray) -> np.ndarray:
     """``class_probabilities`` for a numpy array [B, K]; returns float32 [B, K'] (K' = 2 for one logit)."""
-    return class_probabilities(torch.from_numpy(np.asarray(logits))).numpy()
+    return class_probabilities(torch.from_numpy(np.ascontiguousarray(logits))).numpy()
