@@ -14,7 +14,8 @@ from xraylens.config import RunConfig
 from xraylens.errors import XraylensError
 from xraylens.evaluate.predict import predict_files
 from xraylens.evaluate.run import evaluate_run
-from xraylens.train.checkpoint import load_checkpoint, load_run
+from xraylens.runs import open_run as load_run
+from xraylens.runs import read_checkpoint as load_checkpoint
 from xraylens.train.loop import _SimulatedCrash, train
 
 ALL_METRICS = ["accuracy", "precision", "recall", "f1", "precision_macro",

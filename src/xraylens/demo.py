@@ -1,11 +1,14 @@
 """`xraylens demo`: the whole job on an embedded phantom dataset (or a real folder).
 
 phantom data (known opacity boxes) -> train -> evaluate -> explain (CAM grid) -> localise
-(pointing game beside the centre and random baselines). Re-running reuses finished steps.
+(pointing game beside the centre and random baselines). A rerun reuses the trained run only when it
+was made from the same data and settings; otherwise it stops and says what changed (`force` starts
+anew). The model is loaded once and shared by every step.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from xraylens.config import RunConfig
@@ -18,32 +21,51 @@ DEMO_METHODS = ["gradcam", "gradcam++", "layercam", "normgrad-scaling", "normgra
 DEMO_TOLERANCE = 0.0
 
 
-def demo_config(data: Path, epochs: int | None, phantom: bool) -> RunConfig:
-    cfg = RunConfig()
-    cfg.override([
-        f"data.path={data}",
+def demo_config(data: Path, epochs: int | None, phantom: bool, device: str = "auto") -> RunConfig:
+    return RunConfig().apply({
+        "data.path": data,
         # a small BatchNorm CNN whose CAM layer keeps 1/4 of the input resolution: it learns the
         # phantom in a few CPU epochs and its maps are sharp enough to point inside small boxes
-        "model.name=tinyvgg_bn",
-        f"data.image_size={96 if phantom else 128}",
-        f"train.epochs={epochs or (20 if phantom else 5)}",
-        "train.batch_size=16",
-        "train.lr=1e-3",
-        "train.schedule=cosine",
-        "train.select=accuracy",
+        "model.name": "tinyvgg_bn",
+        "data.image_size": 96 if phantom else 128,
+        "train.epochs": epochs or (20 if phantom else 5),
+        "train.batch_size": 16,
+        "train.lr": 1e-3,
+        "train.schedule": "cosine",
+        "train.select": "accuracy",
         # the phantom's boxes are left/right specific only through the lung they sit in: flips are safe
-        "data.augment=flip,jitter",
-    ])
-    return cfg
+        "data.augment": "flip,jitter",
+        "train.device": device,
+    })
+
+
+def _train_or_reuse(cfg: RunConfig, run_dir: Path, force: bool, progress: bool) -> None:
+    """Train `run_dir` as `cfg` says, unless it already holds exactly that run (finished or resumable)."""
+    from xraylens.runs import read_checkpoint
+    from xraylens.train.loop import absolute_paths, train
+
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        ckpt = read_checkpoint(last)
+        changed = RunConfig.from_dict(ckpt["config"]).diff(absolute_paths(cfg))
+        if not changed:
+            if int(ckpt["epoch"]) < cfg.train.epochs:  # an interrupted demo: finish it
+                train(cfg, run_dir, resume=True, progress=progress)
+            return
+        if not force:
+            what = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise XraylensError(f"{run_dir} holds a demo run made with other settings ({what}); pass --force to "
+                                "train it anew or choose another --out")
+        shutil.rmtree(run_dir)
+    train(cfg, run_dir, progress=progress)
 
 
 def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, epochs: int | None = None,
-             progress: bool = True, device: str = "auto") -> str:
+             progress: bool = True, device: str = "auto", force: bool = False) -> str:
     from xraylens.data.phantom import write_phantom
     from xraylens.evaluate.run import evaluate_run
     from xraylens.explain.run import explain_run
-    from xraylens.train.checkpoint import load_checkpoint
-    from xraylens.train.loop import train
+    from xraylens.runs import open_run
 
     out = Path(out)
     phantom = data is None
@@ -57,34 +79,23 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, epoc
     if not data.exists():
         raise XraylensError(f"demo data not found: {data}")
 
-    cfg = demo_config(data, epochs, phantom)
-    cfg.train.device = device
     run_dir = out / "run"
-    last = run_dir / "checkpoints" / "last.pt"
-    if last.is_file():
-        done = load_checkpoint(last)["epoch"]
-        if done < cfg.train.epochs:
-            train(cfg, run_dir, resume=True, progress=progress)
-    else:
-        train(cfg, run_dir, progress=progress)
-
-    trained = RunConfig.load(run_dir / "config.yaml")
-    split = "test" if (data / "test").is_dir() else trained.data.val_split
-    metrics = evaluate_run(run_dir, split=split, device=device)
-    explained = explain_run(run_dir, split=split, methods=DEMO_METHODS, out=run_dir / "cams", device=device,
-                            overlays=8)
+    _train_or_reuse(demo_config(data, epochs, phantom, device), run_dir, force, progress)
+    run = open_run(run_dir, device=device)  # loaded once, shared by every step below
+    split = "test" if (data / "test").is_dir() else run.config.data.val_split
+    metrics = evaluate_run(run, split=split)
+    explained = explain_run(run, split=split, methods=DEMO_METHODS, out=run_dir / "cams", overlays=8)
     lines = [
         f"xraylens demo: {'phantom' if phantom else data} -> {run_dir}",
-        f"  {split}: accuracy {metrics['accuracy']:.3f} (chance {1 / len(trained.classes):.3f}), "
+        f"  {split}: accuracy {metrics['accuracy']:.3f} (chance {1 / len(run.classes):.3f}), "
         f"weighted f1 {metrics['f1_weighted']:.3f}, auc {_fmt(metrics.get('auc'))}, n={metrics['n_images']}",
         f"  CAM grid: {explained.grid_paths[0]}",
     ]
     if annotations is not None:
-        from xraylens.evaluate.localize_run import localize_run
+        from xraylens.localize.run import localize_run
 
-        loc = localize_run(run_dir, annotations=annotations, fmt="object-cxr", split=split,
-                           methods=DEMO_METHODS, out=run_dir, device=device, target="true",
-                           tolerance=DEMO_TOLERANCE)
+        loc = localize_run(run, annotations=annotations, fmt="object-cxr", split=split, methods=DEMO_METHODS,
+                           out=run_dir, target="true", tolerance=DEMO_TOLERANCE)
         lines.append(f"  pointing game on {loc.n_annotated} {split} images with an opacity box "
                      f"(tolerance {loc.tolerance:g} px):")
         for method, acc in loc.overall.items():

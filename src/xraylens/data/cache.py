@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from xraylens.data.decode import decode_image
+from xraylens.data.decode import MIN_SIDE, decode_image, max_pixels_setting
 from xraylens.data.records import Geometry, Record, SourceSet, center_crop_box
 from xraylens.errors import DecodeError, XraylensError
 from xraylens.io import atomic_path, write_text
@@ -122,7 +122,9 @@ def split_key(source: SourceSet, split: str, image_size: int | Sequence[int],
     lineage = hashlib.sha256()
     head = {"v": CACHE_FORMAT_VERSION, "kind": source.kind, "classes": list(source.classes),
             "size": list(resolve_size(image_size)), "crop": float(center_crop), "root": str(source.root),
-            "split": split}
+            "split": split,
+            # a file skipped for its size decodes once the user raises the limit: a new entry
+            "max_pixels": max_pixels_setting(), "min_side": MIN_SIDE}
     lineage.update(json.dumps(head, sort_keys=True).encode())
     for r in records:
         lineage.update(f"\n{r.id}\t{r.label}".encode())

@@ -10,17 +10,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
-from xraylens.data.loader import to_model_input
 from xraylens.errors import XraylensError
-from xraylens.evaluate.predict import input_kwargs
 from xraylens.explain.engine import CamEngine, CamResult
-from xraylens.explain.methods import available_methods
-from xraylens.train.checkpoint import LoadedRun
+from xraylens.explain.methods import resolve_methods
+from xraylens.ops import class_probabilities
+from xraylens.runs import Run, RunLike, open_run
 
 
 @dataclass
@@ -32,15 +31,6 @@ class ExplainSummary:
     maps_path: Path
     index_path: Path
     constant: dict[str, int]  # per method: images whose map was constant (returned as zeros)
-
-
-def parse_methods(methods: str | Sequence[str]) -> list[str]:
-    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
-    known = available_methods()
-    bad = [m for m in names if m not in known]
-    if bad or not names:
-        raise XraylensError(f"unknown CAM method(s) {bad or '(none given)'}; choose from {', '.join(known)}")
-    return names
 
 
 def parse_target(target: str | int, classes: Sequence[str]) -> str | int:
@@ -66,43 +56,55 @@ def check_target(target: str | int, labelled: bool) -> None:
                             "use pred or a class")
 
 
+def check_positive(**values: int | None) -> None:
+    """Counts a user gives (--batch-size, --limit...): None means 'not given'; 0 or less is a mistake."""
+    for name, v in values.items():
+        if v is not None and v < 1:
+            raise XraylensError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+
+
 def pick_indices(n: int, limit: int | None) -> np.ndarray:
     """All images, or `limit` of them spread evenly over the split (cache order is by class)."""
-    if not limit or limit >= n:
+    if limit is None or limit >= n:
         return np.arange(n)
     return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
 
 
-def iter_cams(run: LoadedRun, cached, indices: np.ndarray, methods: list[str], *, layers: list[str] | None = None,
+def iter_cams(run: Run, cached, indices: np.ndarray, methods: list[str], *, layers: list[str] | None = None,
               combine: str | None = None, target: str | int = "pred", score: str = "logit",
               batch_size: int = 16) -> Iterator[tuple[np.ndarray, torch.Tensor, CamResult]]:
     """Yield (cache indices, model input, CamResult) per batch; maps stay on the run's device."""
     targets = parse_target(target, run.classes)
-    kw = input_kwargs(run.config)
+    inputs = run.inputs
     with CamEngine(run.model, layers) as engine:
         for lo in range(0, len(indices), batch_size):
             idx = indices[lo:lo + batch_size]
-            x = to_model_input(torch.from_numpy(cached.images[idx])[:, None], device=run.device, **kw)
+            x = inputs.to_model(torch.from_numpy(cached.images[idx])[:, None], run.device)
             labels = torch.from_numpy(cached.labels[idx]).to(run.device)
             res = engine(x, methods, targets=targets, labels=labels, combine=combine, score=score)
             yield idx, x, res
 
 
-def explain_run(run_dir: str | Path, data: str | Path | None = None, split: str = "test", *,
+def explain_run(run: RunLike, data: str | Path | None = None, split: str = "test", *,
                 methods: str | Sequence[str] = ("gradcam",), layers: Sequence[str] | None = None,
                 combine: str | None = None, target: str | int = "pred", score: str = "logit",
                 out: str | Path | None = None, device: str = "auto", limit: int | None = None,
                 batch_size: int = 16, overlays: int = 16, grid: int = 36, blank_wrong: bool = False,
                 cmap: str = "jet", alpha: float = 0.4, which: str = "best") -> ExplainSummary:
-    """Explain a split: maps.npz, index.csv, grid_<method>.png and overlays/<method>/*.png in `out`."""
-    from xraylens.evaluate.run import load_run_split
-    from xraylens.explain import render
-    from xraylens.train.checkpoint import load_run
+    """Explain a split: maps.npz, index.csv, grid_<method>.png and overlays/<method>/*.png in `out`.
 
-    run = load_run(run_dir, which=which, device=device)
-    method_list = parse_methods(methods)
-    source, cached = load_run_split(run, data, split)
-    check_target(target, source.kind != "images")
+    Images without a label (a plain folder) have no true class: `true` is left empty in index.csv and
+    their grid tiles mark nothing right or wrong."""
+    from xraylens.explain import render
+
+    method_list = resolve_methods(methods)
+    check_positive(batch_size=batch_size, limit=limit)
+    if overlays < 0 or grid < 0:
+        raise XraylensError(f"--overlays and --grid must be 0 or more, got {overlays} and {grid}")
+    run = open_run(run, which=which, device=device)
+    source, cached = run.load_split(data, split)
+    labelled = source.kind != "images"
+    check_target(target, labelled)
     indices = pick_indices(len(cached.labels), limit)
     out = Path(out) if out else run.run_dir / "cams"
 
@@ -117,7 +119,7 @@ def explain_run(run_dir: str | Path, data: str | Path | None = None, split: str 
             constant[m].append(res.constant[m].cpu().numpy())
             for layer, r in res.raw[m].items():
                 raw.setdefault(f"raw/{m}/{layer}", []).append(r[:, 0].float().cpu().numpy())
-        p = torch.softmax(res.logits.float(), dim=1)
+        p = class_probabilities(res.logits)
         targets.append(res.targets.cpu().numpy())
         preds.append(p.argmax(1).cpu().numpy())
         probs.append(p.max(1).values.cpu().numpy())
@@ -130,15 +132,18 @@ def explain_run(run_dir: str | Path, data: str | Path | None = None, split: str 
     render.save_maps_npz(maps_path, ids, {**stacked, **{k: np.concatenate(v) for k, v in raw.items()}})
 
     columns: dict[str, object] = {
-        "true": [run.classes[t] for t in true], "pred": [run.classes[p] for p in pred],
+        "true": [run.classes[t] if labelled else "" for t in true], "pred": [run.classes[p] for p in pred],
         "prob": np.round(prob, 6), "target": [run.classes[t] for t in np.concatenate(targets)],
     }
     columns.update({f"constant_{m}": flags[m].astype(int) for m in method_list})
     grey = cached.images[indices]
     files: dict[str, list[str]] = {m: [""] * len(ids) for m in method_list}
+    names = overlay_names(ids)
+    # spread over the split (cache order is by class), so every class shows, lesions included
+    shown = pick_indices(len(ids), overlays) if overlays else []
     for m in method_list:
-        for j in range(min(overlays, len(ids))):
-            rel = Path("overlays") / _safe(m) / f"{_safe(ids[j])}.png"
+        for j in shown:
+            rel = Path("overlays") / safe_name(m) / names[j]
             render.save_png(out / rel, render.side_by_side(grey[j], stacked[m][j].astype(np.float32), cmap, alpha))
             files[m][j] = rel.as_posix()
         columns[f"overlay_{m}"] = files[m]
@@ -150,8 +155,9 @@ def explain_run(run_dir: str | Path, data: str | Path | None = None, split: str 
     if n_grid:
         g_idx = pick_indices(len(ids), n_grid)
         for m in method_list:
-            path = out / f"grid_{_safe(m)}.png"
-            render.cam_grid(grey[g_idx], stacked[m][g_idx].astype(np.float32), true=true[g_idx], pred=pred[g_idx],
+            path = out / f"grid_{safe_name(m)}.png"
+            render.cam_grid(grey[g_idx], stacked[m][g_idx].astype(np.float32),
+                            true=true[g_idx] if labelled else None, pred=pred[g_idx],
                             probs=prob[g_idx], class_names=run.classes, blank_wrong=blank_wrong, cmap=cmap,
                             alpha=alpha, path=path)
             grids.append(path)
@@ -159,6 +165,21 @@ def explain_run(run_dir: str | Path, data: str | Path | None = None, split: str 
                           {m: int(flags[m].sum()) for m in method_list})
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     """A file-name-safe version of an image id or method name ('+' kept: gradcam++)."""
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "x"
+
+
+def overlay_names(ids: Sequence[str]) -> list[str]:
+    """`<id without its extension>.png` per image (no `.png.png`); a clash gets a numeric suffix."""
+    seen: set[str] = set()
+    out = []
+    for i in ids:
+        base = safe_name(str(PurePosixPath(i).with_suffix(""))) if PurePosixPath(i).suffix else safe_name(i)
+        name, n = f"{base}.png", 1
+        while name in seen:
+            n += 1
+            name = f"{base}-{n}.png"
+        seen.add(name)
+        out.append(name)
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +20,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from xraylens.config import RunConfig
+from xraylens.config import RunConfig, flag_name
 from xraylens.data.augment import GpuAugment
-from xraylens.data.cache import load_split
-from xraylens.data.loader import iterate_batches, to_model_input
+from xraylens.data.loader import iterate_batches
 from xraylens.data.sources import load_source
+from xraylens.data.splits import write_splits_csv
 from xraylens.errors import XraylensError
-from xraylens.evaluate.predict import ce_loss, input_kwargs, predict_logits, softmax_np
-from xraylens.io import write_csv, write_json
-from xraylens.metrics import compute_metrics, metric_selector
+from xraylens.io import lock_dir, write_csv, write_json
+from xraylens.metrics import checked_score, compute_metrics, metric_selector
+from xraylens.ops import class_probabilities_np
 from xraylens.progress import progress_bar
+from xraylens.runs import InputSettings, build_model, cached_split, ce_loss, predict_logits, read_checkpoint
 from xraylens.runtime import resolve_device, seed_everything
-from xraylens.train.checkpoint import build_model, load_checkpoint, save_checkpoint
+from xraylens.train.checkpoint import save_checkpoint
 from xraylens.train.losses import build_loss, loss_key
 
 log = logging.getLogger("xraylens.train")
@@ -53,10 +55,11 @@ SCHEDULES = ("cosine", "step", "none")
 
 
 def check_config(cfg: RunConfig) -> None:
-    """Names and expressions that would otherwise fail only after the data is decoded (minutes on a
-    real dataset): check them first."""
+    """Names, ranges and expressions that would otherwise fail only after the data is decoded (minutes
+    on a real dataset): check them first."""
     from xraylens.models.registry import model_key
 
+    cfg.check()
     model_key(cfg.model.name)
     loss_key(cfg.train.loss)
     _choose("optimizer", cfg.train.optimizer, OPTIMIZERS)
@@ -107,13 +110,59 @@ def _autocast(device: torch.device, enabled: bool):
 def prepare_run_dir(out: Path, resume: bool) -> Path | None:
     """Return the checkpoint to resume from, refusing to overwrite a finished or started run."""
     last = out / "checkpoints" / "last.pt"
+    if out.exists() and not out.is_dir():
+        raise XraylensError(f"--out {out} is a file; choose a folder for the run")
     if resume:
         if not last.is_file():
             raise XraylensError(f"--resume given but {last} does not exist; start without --resume")
         return last
     if last.is_file():
         raise XraylensError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    _check_writable(out)
     return None
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before decoding anything when the run folder cannot be created or written."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise XraylensError(f"cannot write the run to {out}: {probe} is not a writable folder; choose another --out")
+
+
+# Settings a resumed run may change: only its length (to extend it). Everything else is the run's own.
+RESUMABLE = frozenset({"train.epochs"})
+
+
+def resume_config(out: str | Path, changes: dict[str, Any] | None = None) -> RunConfig:
+    """The saved config of the run in `out`, with `changes` (section.key -> value; None = not given)
+    applied where a resumed run allows it. Any other change is a one-line error naming it."""
+    out = Path(out)
+    ckpt = read_checkpoint(prepare_run_dir(out, resume=True))
+    cfg = RunConfig.from_dict(ckpt["config"])
+    given = {k: v for k, v in (changes or {}).items() if v is not None}
+    refused = [k for k in given if k not in RESUMABLE]
+    if refused:
+        drop = ", ".join(map(flag_name, sorted(refused)))
+        raise XraylensError(f"--resume continues {out} with its saved config; drop {drop} (only the epoch count "
+                            "may change)")
+    cfg.apply(given)
+    if cfg.train.epochs < int(ckpt["epoch"]):
+        raise XraylensError(f"--epochs {cfg.train.epochs} is below the {ckpt['epoch']} epochs already done")
+    return cfg
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Store the data, cache and weights paths absolute, so the run works from any working directory."""
+    d, m = cfg.data, cfg.model
+    if d.path:
+        d.path = str(Path(d.path).expanduser().resolve())
+    if d.cache_dir:
+        d.cache_dir = str(Path(d.cache_dir).expanduser().resolve())
+    if m.weights and m.weights != "hub":
+        m.weights = str(Path(m.weights).expanduser().resolve())
+    return cfg
 
 
 def load_data(cfg: RunConfig, progress: bool = False):
@@ -121,13 +170,8 @@ def load_data(cfg: RunConfig, progress: bool = False):
     d = cfg.data
     source = load_source(d.path, val_fraction=d.val_fraction, seed=d.split_seed, group_pattern=d.group_pattern,
                          group_column=d.group_column)
-    for split in (d.train_split, d.val_split):
-        if split not in source.splits:
-            raise XraylensError(f"{d.path} has no {split!r} split (found: {', '.join(source.splits)})")
-    kw = dict(image_size=d.image_size, center_crop=d.center_crop, cache_dir=d.cache_dir, workers=d.workers,
-              progress=progress)
-    train = load_split(source, d.train_split, **kw)
-    val = load_split(source, d.val_split, **kw)
+    train = cached_split(cfg, source, d.train_split, progress=progress)
+    val = cached_split(cfg, source, d.val_split, progress=progress)
     for name, c in ((d.train_split, train), (d.val_split, val)):
         if c.skipped:
             first_id, why = c.skipped[0]
@@ -158,29 +202,35 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
     """Train a model as `cfg` says, writing the run directory `out`.
 
     With `resume`, the run continues with the config saved in its checkpoint; `cfg` may be None, and
-    if given only its `train.epochs` is used, as the new total (to extend a finished run).
+    if given only its `train.epochs` is used, as the new total (to extend a finished run; see
+    `resume_config` for the rules). The run directory is locked while training: a second `train`
+    into the same `out` fails at once instead of mixing its files with this one's.
     `stop_after_batches` simulates a crash after that many optimiser steps (tests of resume).
     """
     out = Path(out)
-    resume_from = prepare_run_dir(out, resume)
-    ckpt = None
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
-        saved = RunConfig.from_dict(ckpt["config"])
-        if cfg is not None:
-            if cfg.train.epochs < int(ckpt["epoch"]):
-                raise XraylensError(f"--epochs {cfg.train.epochs} is below the {ckpt['epoch']} epochs already done")
-            saved.train.epochs = cfg.train.epochs
-        cfg = saved
+    if resume:
+        cfg = resume_config(out, {"train.epochs": cfg.train.epochs if cfg is not None else None})
     elif cfg is None:
         raise XraylensError("no config given for a new run")
+    else:
+        prepare_run_dir(out, resume=False)
     if not cfg.data.path:
         raise XraylensError("no data given: pass --data DIR (folder splits, a CSV manifest or an .npz)")
-
     check_config(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    with lock_dir(out, "train"):
+        return _train_locked(absolute_paths(cfg), out, resume, progress, stop_after_batches)
+
+
+def _train_locked(cfg: RunConfig, out: Path, resume: bool, progress: bool,
+                  stop_after_batches: int | None) -> TrainResult:
+    # re-read under the lock: another process may have started or finished a run here meanwhile
+    resume_from = prepare_run_dir(out, resume)
+    ckpt = read_checkpoint(resume_from) if resume_from is not None else None
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     source, train_c, val_c, report = load_data(cfg, progress=progress)
+    write_splits_csv(out / "splits.csv", source)  # which image went where, and its patient group
     if cfg.classes and list(cfg.classes) != list(source.classes):
         raise XraylensError(f"classes changed since the run started: {cfg.classes} -> {source.classes}")
     cfg.classes = list(source.classes)
@@ -231,7 +281,7 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
 
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.amp
                                   and not torch.cuda.is_bf16_supported())
-    in_kw = input_kwargs(cfg)
+    inputs = InputSettings.from_config(cfg)
     steps_done = 0
     val_metrics: dict[str, Any] = {}
     try:
@@ -244,10 +294,12 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
             drop_last = len(train_c.labels) > cfg.train.batch_size
             batches = iterate_batches(train_c, cfg.train.batch_size, shuffle=True, balanced=cfg.data.balanced,
                                       seed=cfg.train.seed, epoch=epoch, drop_last=drop_last)
-            n_batches = _n_batches(len(train_c.labels), cfg.train.batch_size)
-            with progress_bar(progress, f"epoch {epoch + 1}/{cfg.train.epochs}", n_batches, show_loss=True) as advance:
+            n_images = _n_batches(len(train_c.labels), cfg.train.batch_size) * cfg.train.batch_size if drop_last \
+                else len(train_c.labels)
+            with progress_bar(progress, f"epoch {epoch + 1}/{cfg.train.epochs}", n_images, show_loss=True,
+                              unit="img") as advance:
                 for x, y, _ in batches:
-                    xin = to_model_input(x, device=device, channels_last=use_cl, **in_kw)
+                    xin = inputs.to_model(x, device, channels_last=use_cl)
                     y = y.to(device, non_blocking=True)
                     xin = augment(xin, generator=gen)
                     with _autocast(device, cfg.train.amp):
@@ -262,16 +314,17 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
                     total += loss.item() * len(y)
                     n_seen += len(y)
                     steps_done += 1
-                    advance(loss.item())
+                    advance(loss.item(), n=len(y))
                     if stop_after_batches is not None and steps_done >= stop_after_batches:
                         raise _SimulatedCrash()
             lr = opt.param_groups[0]["lr"]
             sched.step()
 
-            logits = predict_logits(model, val_c, cfg, device)
-            val_metrics = compute_metrics(val_c.labels, softmax_np(logits), cfg.classes,
+            logits = predict_logits(model, val_c, inputs, device, cfg.train.eval_batch_size)
+            val_metrics = compute_metrics(val_c.labels, class_probabilities_np(logits), cfg.classes,
                                           loss=ce_loss(logits, val_c.labels))
-            score = float(select(val_metrics))
+            # NaN / +inf is an error naming the expression; -inf (undefined metric) is "never preferred"
+            score = checked_score(select, val_metrics, epoch=epoch + 1)
             row = {"epoch": epoch + 1, "train_loss": total / max(1, n_seen), "val_loss": val_metrics.get("loss"),
                    "val_accuracy": val_metrics.get("accuracy"), "val_f1": val_metrics.get("f1_weighted"),
                    "val_qwk": val_metrics.get("qwk"), "val_auc": val_metrics.get("auc"),
@@ -279,7 +332,8 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
                    "val_specificity": val_metrics.get("specificity"), "score": score, "lr": lr,
                    "seconds": round(time.perf_counter() - t0, 3)}
             state["history"].append(row)
-            improved = score > state["best_score"]
+            # the first epoch always becomes best.pt, even at -inf: a finished run always has one
+            improved = score > state["best_score"] or state["best_epoch"] == 0
             if improved:
                 state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_val_metrics=val_metrics)
                 save_checkpoint(out / "checkpoints" / "best.pt", model=model, config=cfg, epoch=epoch + 1, state=state)
