@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import torch
 
-from xraylens.evaluate.localization import energy_pointing_game, pointing_game
+from xraylens.localize.metrics import energy_pointing_game, pointing_game
 
 
 def make_inputs(n: int, size: int, dtype: torch.dtype, seed: int = 0):

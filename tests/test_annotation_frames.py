@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xraylens.data.annotations import Mask, Polygon, Rectangle, rasterize, read_coco, rescale_shapes
+from xraylens.data.annotations import Mask, Polygon, Rectangle, match_keys, rasterize, read_coco, rescale_shapes
 from xraylens.data.cache import prepare_image
 from xraylens.errors import XraylensError
-from xraylens.evaluate.localize_run import match_keys, parse_size
+from xraylens.localize.run import parse_size
 
 
 def test_rescale_shapes_maps_corners_and_masks():

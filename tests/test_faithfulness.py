@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xraylens.errors import XraylensError
-from xraylens.evaluate.faithfulness import deletion_insertion, make_baseline
+from xraylens.localize.faithfulness import deletion_insertion, make_baseline
 
 
 class Linear(torch.nn.Module):

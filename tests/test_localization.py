@@ -12,7 +12,7 @@ import torch
 from xraylens.data.annotations import Ellipse, Rectangle, pack_boxes, rasterize_batch, read_object_cxr
 from xraylens.data.records import Geometry
 from xraylens.errors import XraylensError
-from xraylens.evaluate.localization import (
+from xraylens.localize.metrics import (
     aggregate,
     center_map,
     energy_pointing_game,

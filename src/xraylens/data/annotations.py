@@ -613,3 +613,36 @@ def _why_unseen(orig: Shape, moved: Shape, g: Geometry, frame: tuple[float, floa
         return (f"{what} lies outside the centre crop the model sees "
                 f"(x {cx * fx:g}-{(cx + cw) * fx:g}, y {cy * fy:g}-{(cy + ch) * fy:g})")
     return f"{what} covers no pixel centre of the {g.out_w}x{g.out_h} model input"
+
+
+# ------------------------------------------------------------------------------------------- by format
+
+FORMATS = ("object-cxr", "nih", "coco", "masks")
+
+
+def read_annotations(path: str | os.PathLike, fmt: str, skip_bad: bool = False) -> AnnotationSet:
+    """Read an annotation file in one of `FORMATS` (the CLI's --format)."""
+    readers = {"object-cxr": read_object_cxr, "nih": read_nih, "coco": read_coco, "masks": read_mask_folder}
+    if fmt not in readers:
+        raise XraylensError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if not Path(path).exists():
+        raise XraylensError(f"annotations not found: {path}")
+    return readers[fmt](path, skip_bad=skip_bad)
+
+
+def match_keys(ids: Sequence[str], annotations: AnnotationSet) -> list[str | None]:
+    """The annotation key of each image id: the id itself (relative path), else its file name, else its
+    file name without extension (images re-encoded as PNG), each only when unique among the keys."""
+    by_name: dict[str, list[str]] = {}
+    by_stem: dict[str, list[str]] = {}
+    for k in annotations:
+        by_name.setdefault(Path(k).name, []).append(k)
+        by_stem.setdefault(Path(k).stem.lower(), []).append(k)
+    out: list[str | None] = []
+    for i in ids:
+        if i in annotations:
+            out.append(i)
+            continue
+        cands = by_name.get(Path(i).name) or by_stem.get(Path(i).stem.lower(), [])
+        out.append(cands[0] if len(cands) == 1 else None)
+    return out

@@ -237,3 +237,30 @@ def write_index_csv(path: str | os.PathLike, ids: Sequence[str], columns: Mappin
             raise XraylensError(f"column {k!r} has {len(c)} values for {len(ids)} ids; pass one per id")
     rows = ([i, *(cols[k][r] for k in cols)] for r, i in enumerate(ids))
     write_csv(path, ["id", *cols], rows)
+
+
+def save_marked(path: str | os.PathLike, grey: np.ndarray, cam: np.ndarray, mask: np.ndarray, peak: tuple[int, int],
+                 radius_xy: tuple[float, float], min_side: int = 320) -> None:
+    """The CAM overlay with the annotation outline (green), the peak (red cross) and the pointing
+    game's tolerance (red ellipse), zoomed with nearest-neighbour to at least `min_side` pixels."""
+    from PIL import Image, ImageDraw
+
+    rgb = overlay(grey, cam)
+    edge = mask & ~_erode(mask)
+    rgb[edge] = (0, 255, 0)
+    zoom = max(1, int(math.ceil(min_side / max(rgb.shape[:2]))))
+    img = Image.fromarray(rgb).resize((rgb.shape[1] * zoom, rgb.shape[0] * zoom), Image.NEAREST)
+    d = ImageDraw.Draw(img)
+    cy, cx = (peak[0] + 0.5) * zoom, (peak[1] + 0.5) * zoom
+    k = 3 * zoom
+    d.line([(cx - k, cy), (cx + k, cy)], fill=(255, 0, 0), width=2)
+    d.line([(cx, cy - k), (cx, cy + k)], fill=(255, 0, 0), width=2)
+    rx, ry = radius_xy[0] * zoom, radius_xy[1] * zoom
+    if rx > 0 and ry > 0:
+        d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], outline=(255, 0, 0), width=1)
+    save_png(path, np.asarray(img))
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    m = np.pad(mask, 1, constant_values=False)
+    return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from xraylens.errors import XraylensError
-from xraylens.ops import gaussian_blur
+from xraylens.ops import class_probabilities, gaussian_blur
 
 
 @dataclass
@@ -49,10 +49,7 @@ def _scores(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     1 - sigmoid (target 0)."""
     if out.dim() != 2:
         raise XraylensError(f"the model must return logits [B, classes], got {tuple(out.shape)}")
-    if out.shape[1] == 1:
-        p = torch.sigmoid(out[:, 0].float())
-        return torch.where(t == 1, p, 1 - p)
-    return torch.softmax(out.float(), dim=1).gather(1, t[:, None])[:, 0]
+    return class_probabilities(out).gather(1, t[:, None])[:, 0]
 
 
 @torch.no_grad()
