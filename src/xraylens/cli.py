@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from xraylens.config import RunConfig
 from xraylens.errors import XraylensError
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -27,9 +28,8 @@ RunArg = Annotated[Path, typer.Argument(help="Run directory written by `xraylens
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Dataset: folder splits, CSV manifest or .npz. "
                                               "Default: the data the run was trained on.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-MethodsOpt = Annotated[str, typer.Option("--methods", help="Comma list: gradcam, gradcam++, xgradcam, layercam, "
-                                         "hirescam, eigencam, scorecam, normgrad-scaling, normgrad-conv1x1, "
-                                         "normgrad-conv3x3.")]
+# the list of names is filled in from the methods table when --help is asked for (see main)
+MethodsOpt = Annotated[str, typer.Option("--methods", help="Comma list of CAM methods.")]
 LayersOpt = Annotated[str | None, typer.Option("--layers", help="Comma list of module names "
                                                "(default: the model's CAM layers).")]
 CombineOpt = Annotated[str | None, typer.Option("--combine", help="mean, max or product over layers "
@@ -41,69 +41,87 @@ def _methods(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
+_D = RunConfig()  # defaults shown in --help come from the config itself, so they cannot drift
+
+
 @app.command()
 def train(
-    data: Annotated[Path | None, typer.Option("--data", help="Dataset folder, CSV manifest or .npz.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model name (see `xraylens models`).")] = None,
-    loss: Annotated[str | None, typer.Option("--loss", help="ce, ce-weighted, focal, focal-seed or bce.")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Side of the square model input.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset: folder splits, class folders, CSV "
+                                              "manifest (path,label[,split]) or MedMNIST .npz.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help=f"Model name, see `xraylens models` "
+                                              f"(default {_D.model.name}).")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="ce, ce-weighted, focal, focal-seed or bce "
+                                             f"(default {_D.train.loss}).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs; with --resume, the new "
+                                               f"total (default {_D.train.epochs}).")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Side of the square model input, "
+                                                   f"pixels (default {_D.data.image_size}).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")] = Path("runs/run"),
-    config: Annotated[Path | None, typer.Option("--config", help="YAML config (sections data, model, train).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
-    lr: Annotated[float | None, typer.Option("--lr")] = None,
-    optimizer: Annotated[str | None, typer.Option("--optimizer", help="adam, adamw, sgd or radam.")] = None,
-    schedule: Annotated[str | None, typer.Option("--schedule", help="cosine, step or none.")] = None,
-    select: Annotated[str | None, typer.Option("--select", help="Best-epoch metric or expression, "
-                                               "e.g. qwk or '1.5*f2+accuracy'.")] = None,
-    early_stopping: Annotated[int | None, typer.Option("--early-stopping", help="Patience in epochs.")] = None,
-    augment: Annotated[str | None, typer.Option("--augment", help="flip,affine,jitter,elastic or none.")] = None,
-    balanced: Annotated[bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampling.")] = None,
-    center_crop: Annotated[float | None, typer.Option("--center-crop", help="Keep this central fraction.")] = None,
-    in_chans: Annotated[int | None, typer.Option("--in-chans", help="1 (grey) or 3.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config (sections data, model, train); "
+                                                "options given here override it.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per optimiser step "
+                                                   f"(default {_D.train.batch_size}).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help=f"Learning rate (default {_D.train.lr:g}).")] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="adam, adamw, sgd or radam "
+                                                  f"(default {_D.train.optimizer}).")] = None,
+    schedule: Annotated[str | None, typer.Option("--schedule", help="Learning-rate schedule: cosine, step or "
+                                                 f"none (default {_D.train.schedule}).")] = None,
+    select: Annotated[str | None, typer.Option("--select", help="Best-epoch metric or expression on the "
+                                               "validation metrics, e.g. qwk or '1.5*f2+accuracy' "
+                                               f"(default {_D.train.select}).")] = None,
+    early_stopping: Annotated[int | None, typer.Option("--early-stopping", help="Stop after this many epochs "
+                                                       "without improvement (default: off).")] = None,
+    augment: Annotated[str | None, typer.Option("--augment", help="Comma list of flip, affine, jitter, elastic, "
+                                                f"or none (default {_D.data.augment}).")] = None,
+    balanced: Annotated[bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampling "
+                                                  "(default: off).")] = None,
+    center_crop: Annotated[float | None, typer.Option("--center-crop", help="Keep this central fraction of each "
+                                                      "side before resizing "
+                                                      f"(default {_D.data.center_crop:g}).")] = None,
+    in_chans: Annotated[int | None, typer.Option("--in-chans", help="Input channels: 1 (grey) or 3 "
+                                                 f"(default {_D.model.in_chans}).")] = None,
     weights: Annotated[str | None, typer.Option("--weights", help="Local pretrained state dict (.pth/.safetensors); "
-                                                "'hub' downloads (needs internet).")] = None,
-    head_hidden: Annotated[str | None, typer.Option("--head-hidden", help="Extra FC head sizes, e.g. 256,64.")] = None,
-    train_last: Annotated[int | None, typer.Option("--train-last", help="Train only the last N stages.")] = None,
-    device: Annotated[str | None, typer.Option("--device")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+                                                "'hub' downloads (needs internet). Default: random init.")] = None,
+    head_hidden: Annotated[str | None, typer.Option("--head-hidden", help="Extra FC head sizes, e.g. 256,64 "
+                                                    "(default: none).")] = None,
+    train_last: Annotated[int | None, typer.Option("--train-last", help="Train only the last N backbone stages "
+                                                   "and the head (default: all).")] = None,
+    group_pattern: Annotated[str | None, typer.Option("--group-pattern", help="Regex on the file name giving the "
+                                                      "patient, e.g. 'person(\\d+)': the automatic val split keeps "
+                                                      "each patient's images together (default: per image).")] = None,
+    group_column: Annotated[str | None, typer.Option("--group-column", help="Manifest column naming the patient, "
+                                                     "used like --group-pattern.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N "
+                                               f"(default {_D.train.device}).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of weights, data order and augmentation "
+                                             f"(default {_D.train.seed}).")] = None,
     set_: Annotated[list[str] | None,
-                    typer.Option("--set", help="Any setting, e.g. --set train.weight_decay=0.")] = None,
+                    typer.Option("--set", help="Any setting, e.g. --set train.weight_decay=0 (repeatable).")] = None,
     resume: Annotated[bool,
                       typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
 ) -> None:
-    """Train a classifier and write a run directory (config.yaml, checkpoints/, history.csv, metrics.json, tb/)."""
-    from xraylens.config import RunConfig
+    """Train a classifier and write a run directory (config.yaml, checkpoints/, history.csv, metrics.json,
+    splits.csv, tb/)."""
+    from xraylens.train.loop import resume_config
     from xraylens.train.loop import train as run_train
 
     flags = {
-        "data.path": str(data) if data else None, "model.name": model, "train.loss": loss, "train.epochs": epochs,
+        "data.path": data, "model.name": model, "train.loss": loss, "train.epochs": epochs,
         "data.image_size": image_size, "train.batch_size": batch_size, "train.lr": lr,
         "train.optimizer": optimizer, "train.schedule": schedule, "train.select": select,
         "train.early_stopping": early_stopping, "data.augment": augment, "data.balanced": balanced,
         "data.center_crop": center_crop, "model.in_chans": in_chans, "model.weights": weights,
-        "model.head_hidden": head_hidden, "model.train_last": train_last, "train.device": device,
-        "train.seed": seed,
+        "model.head_hidden": head_hidden, "model.train_last": train_last, "data.group_pattern": group_pattern,
+        "data.group_column": group_column, "train.device": device, "train.seed": seed,
     }
     if resume:
-        # a resumed run keeps its saved config; only the epoch count may change (to extend it)
-        named = {"data.path": "--data", "model.name": "--model"}
-        given = [named.get(k, "--" + k.split(".")[1].replace("_", "-")) for k, v in flags.items()
-                 if v is not None and k != "train.epochs"]
-        given += ["--config"] * bool(config) + ["--set"] * bool(set_)
-        if given:
-            raise XraylensError(f"--resume continues {out} with its saved config; drop {', '.join(given)} "
-                                "(only --epochs may change)")
-        cfg = None
-        if epochs is not None:
-            cfg = RunConfig()
-            cfg.train.epochs = epochs
-        result = run_train(cfg, out, resume=True, progress=not quiet)
-        typer.echo(f"best epoch {result.best_epoch} (score {result.best_score:.4f}); run in {out}")
-        return
-    cfg = RunConfig.load(config) if config else RunConfig()
-    cfg.override([f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or []))
+        if config or set_:
+            raise XraylensError(f"--resume continues {out} with its saved config; drop "
+                                f"{' and '.join(n for n, v in (('--config', config), ('--set', set_)) if v)}")
+        cfg = resume_config(out, flags)
+    else:
+        cfg = (RunConfig.load(config) if config else RunConfig()).apply(flags).override(list(set_ or []))
     result = run_train(cfg, out, resume=resume, progress=not quiet)
     typer.echo(f"best epoch {result.best_epoch} ({cfg.train.select} {result.best_score:.4f}); run in {out}")
 
@@ -121,7 +139,7 @@ def evaluate(
     from xraylens.evaluate.run import confusion_text, evaluate_run
 
     m = evaluate_run(run, data, split, which=checkpoint, device=device, out=out)
-    keys = ["accuracy", "precision", "recall", "f1", "f1_macro", "f05", "f2", "qwk",
+    keys = ["accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "f1_macro", "f05", "f2", "qwk",
             "auc", "sensitivity", "specificity", "loss"]
     typer.echo(f"{split}: {m['n_images']} images" + (f", {len(m['skipped'])} skipped" if m["skipped"] else ""))
     for k in keys:
@@ -140,11 +158,9 @@ def predict(
 ) -> None:
     """Print the predicted class and probabilities for single image files."""
     from xraylens.evaluate.predict import predict_files
-    from xraylens.train.checkpoint import load_run
 
-    loaded = load_run(run, device=device)
     failed = 0
-    for r in predict_files(loaded, images):
+    for r in predict_files(run, images, device=device):
         if as_json:
             typer.echo(json.dumps(r))
         elif "error" in r:
@@ -218,7 +234,7 @@ def localize(
     device: DeviceOpt = "auto",
 ) -> None:
     """Pointing game, energy and IoU of CAMs against annotations, beside centre and random baselines."""
-    from xraylens.evaluate.localize_run import localize_image, localize_run, parse_size
+    from xraylens.localize.run import localize_image, localize_run, parse_size
 
     lay = _methods(layers) if layers else None
     ref = parse_size(annotation_size) if annotation_size else None
@@ -260,14 +276,31 @@ def models() -> None:
 def demo(
     data: Annotated[Path | None, typer.Option("--data", help="Run the same job on a real folder instead.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Where the phantom data and the run go.")] = Path("runs/demo"),
-    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs (default 20 on phantoms, "
+                                               "5 on --data).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Train anew when --out holds a demo run made with other "
+                                        "data or settings (default: stop and say what changed).")] = False,
+    device: DeviceOpt = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
 ) -> None:
-    """Generate a phantom dataset (lesions with known boxes), train, evaluate, explain and localise."""
+    """Generate a phantom dataset (lesions with known boxes), train, evaluate, explain and localise.
+
+    A rerun with the same data and settings reuses the trained run and takes seconds."""
     from xraylens.demo import run_demo
 
-    summary = run_demo(out=out, data=data, epochs=epochs, progress=not quiet)
+    summary = run_demo(out=out, data=data, epochs=epochs, progress=not quiet, device=device, force=force)
     typer.echo(summary)
+
+
+def _describe_methods(command) -> None:
+    """--help of every command with --methods lists the methods table's names (imports torch, so only
+    when help is asked for)."""
+    from xraylens.explain.methods import methods_help
+
+    for sub in command.commands.values():
+        for p in sub.params:
+            if p.name == "methods":
+                p.help = f"Comma list of CAM methods: {methods_help()}."
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="List or clear the decoded-image cache ($XRAYLENS_CACHE, "
@@ -298,13 +331,31 @@ def cache_clear(
     typer.echo(f"removed {n} {'entry' if n == 1 else 'entries'} ({format_bytes(freed)}) from {cache_root(cache_dir)}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; a user mistake (ours or a malformed option) is one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = sys.argv[1:] if argv is None else argv
+    command = typer.main.get_command(app)
+    if "--help" in args and len(args) > 1:
+        _describe_methods(command)
     try:
-        app()
+        code = command.main(args=args, prog_name="xraylens", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.TyperException as e:  # click's usage errors: unknown option, missing or malformed value
+        message = " ".join(getattr(e, "format_message", e.__str__)().split())
+        if not message:  # no arguments: click has printed the help already
+            sys.exit(getattr(e, "exit_code", 2))
+        ctx = getattr(e, "ctx", None)
+        where = f"xraylens {ctx.command_path.split(' ', 1)[1]} --help" if ctx and " " in ctx.command_path \
+            else "xraylens --help"
+        typer.echo(f"error: {message} (see {where})", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
     except XraylensError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -7,8 +7,10 @@ explain and serve rebuild exactly the same model and preprocessing from it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,10 @@ class DataConfig:
     center_crop: float = 1.0  # keep this central fraction of each side before resizing (seed 001)
     val_fraction: float = 0.15  # used only when the source has no val split
     split_seed: int = 0
+    # patient grouping of the automatic val split: a regex on the file name (first group, else the
+    # whole match) or a manifest column; images of one group never straddle two splits
+    group_pattern: str | None = None
+    group_column: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     mean: list[float] = field(default_factory=lambda: [0.5])
@@ -110,22 +116,88 @@ class RunConfig:
             raise XraylensError(f"{path} must hold a mapping with sections data, model, train")
         return cls.from_dict(d or {})
 
+    def set(self, key: str, value: Any) -> RunConfig:
+        """Set `section.key` to a typed value (a path stays the string the user typed)."""
+        section, _, name = key.partition(".")
+        sec = getattr(self, section, None)
+        if not name or sec is None or not dataclasses.is_dataclass(sec):
+            raise XraylensError(f"setting {key!r}: unknown section {section!r}; use section.key with section "
+                                "data, model or train, e.g. train.lr")
+        setattr(sec, name, _coerce(type(sec), name, value, section))
+        return self
+
+    def apply(self, values: Mapping[str, Any]) -> RunConfig:
+        """Set every `section.key` whose value is not None (command-line options not given are None)."""
+        for key, value in values.items():
+            if value is not None:
+                self.set(key, value)
+        return self
+
     def override(self, assignments: list[str]) -> RunConfig:
-        """Apply `section.key=value` strings (values parsed as YAML scalars/lists)."""
+        """Apply free-form `section.key=value` strings (`--set`); values are parsed as YAML scalars/lists."""
         for a in assignments:
             if "=" not in a or "." not in a.split("=", 1)[0]:
                 raise XraylensError(f"override {a!r} must look like section.key=value, e.g. train.lr=3e-4")
             key, raw = a.split("=", 1)
-            section, name = key.split(".", 1)
-            sec = getattr(self, section, None)
-            if sec is None or not dataclasses.is_dataclass(sec):
-                raise XraylensError(f"override {a!r}: unknown section {section!r} (data, model, train)")
             try:
                 value = yaml.safe_load(raw)
             except yaml.YAMLError:
                 value = raw
-            setattr(sec, name, _coerce(type(sec), name, value, section))
+            self.set(key.strip(), value)
         return self
+
+    def diff(self, other: RunConfig) -> dict[str, tuple[Any, Any]]:
+        """Settings that differ: `section.key` -> (this value, other value); class lists are ignored
+        (training fills them in)."""
+        out = {}
+        mine, theirs = self.to_dict(), other.to_dict()
+        for section in ("data", "model", "train"):
+            for key, value in mine[section].items():
+                if theirs[section].get(key) != value:
+                    out[f"{section}.{key}"] = (value, theirs[section].get(key))
+        return out
+
+    def check(self) -> None:
+        """Every numeric setting within its range; run before any data is decoded."""
+        for key, (lo, lo_incl, hi, hi_incl, what) in LIMITS.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value is None:
+                continue
+            bad = not math.isfinite(value) or (lo is not None and (value < lo or (value == lo and not lo_incl))) \
+                or (hi is not None and (value > hi or (value == hi and not hi_incl)))
+            if bad:
+                raise XraylensError(f"{flag_name(key)} must be {what}, got {value}")
+
+
+_FLAGS = {"data.path": "--data", "model.name": "--model"}
+
+
+def flag_name(key: str) -> str:
+    """The command-line spelling of a setting, for messages: `train.lr (--lr)`."""
+    return f"{key} ({_FLAGS.get(key, '--' + key.split('.')[-1].replace('_', '-'))})"
+
+
+# section.key -> (low, low included, high, high included, the rule in words); None = unbounded
+LIMITS: dict[str, tuple[float | None, bool, float | None, bool, str]] = {
+    "data.image_size": (8, True, None, True, "at least 8 (pixels)"),
+    "data.center_crop": (0, False, 1, True, "in (0, 1]"),
+    "data.val_fraction": (0, True, 1, False, "in [0, 1)"),
+    "data.augment_p": (0, True, 1, True, "in [0, 1]"),
+    "data.workers": (0, True, None, True, "0 or more"),
+    "model.train_last": (0, True, None, True, "0 or more"),
+    "model.drop_rate": (0, True, 1, False, "in [0, 1)"),
+    "train.epochs": (1, True, None, True, "at least 1"),
+    "train.batch_size": (1, True, None, True, "at least 1"),
+    "train.eval_batch_size": (1, True, None, True, "at least 1"),
+    "train.lr": (0, False, None, True, "greater than 0"),
+    "train.weight_decay": (0, True, None, True, "0 or more"),
+    "train.momentum": (0, True, 1, False, "in [0, 1)"),
+    "train.step_size": (1, True, None, True, "at least 1"),
+    "train.step_gamma": (0, False, None, True, "greater than 0"),
+    "train.focal_gamma": (0, True, None, True, "0 or more"),
+    "train.early_stopping": (1, True, None, True, "at least 1 (epochs)"),
+}
 
 
 def _build(cls: type, d: dict[str, Any], section: str):
