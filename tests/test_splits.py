@@ -191,18 +191,21 @@ def test_group_option_errors(tmp_path, fixture_dir):
     assert "groups" not in load_source(fixture_dir / "pneumonia", group_pattern=" ", group_column="").split_info
 
 
-def test_bad_pattern_fails_before_any_decoding(fixture_dir, monkeypatch):
-    from xraylens.train import loop
+def test_bad_pattern_fails_before_any_decoding(fixture_dir, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from xraylens.train.loop import load_data
 
     def no_decoding(*a, **k):
-        raise AssertionError("decoded images before checking group_pattern")
+        raise AssertionError("decoded an image before checking group_pattern")
 
-    monkeypatch.setattr(loop, "load_split", no_decoding)
+    monkeypatch.setattr(PILImage, "open", no_decoding)
     cfg = RunConfig()
     cfg.data.path = str(fixture_dir / "pneumonia")
+    cfg.data.cache_dir = str(tmp_path)  # an empty cache: anything loaded would be decoded
     cfg.data.group_pattern = "person[0-9"
     with pytest.raises(XraylensError, match="not a valid regular expression"):
-        loop.load_data(cfg)
+        load_data(cfg)
 
 
 def test_load_data_reports_groups(fixture_dir, tmp_path):
