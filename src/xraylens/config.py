@@ -159,6 +159,11 @@ class RunConfig:
 
     def check(self) -> None:
         """Every numeric setting within its range; run before any data is decoded."""
+        if self.model.in_chans not in (1, 3):
+            raise XraylensError(f"{flag_name('model.in_chans')} must be 1 (grey) or 3 (RGB), got {self.model.in_chans}")
+        if any(h < 1 for h in self.model.head_hidden):
+            raise XraylensError(f"{flag_name('model.head_hidden')} sizes must be at least 1, "
+                                f"got {self.model.head_hidden}")
         for key, (lo, lo_incl, hi, hi_incl, what) in LIMITS.items():
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)

@@ -28,7 +28,7 @@ def demo_config(data: Path, epochs: int | None, phantom: bool, device: str = "au
         # phantom in a few CPU epochs and its maps are sharp enough to point inside small boxes
         "model.name": "tinyvgg_bn",
         "data.image_size": 96 if phantom else 128,
-        "train.epochs": epochs or (20 if phantom else 5),
+        "train.epochs": epochs if epochs is not None else (20 if phantom else 5),
         "train.batch_size": 16,
         "train.lr": 1e-3,
         "train.schedule": "cosine",
@@ -69,6 +69,8 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, epoc
 
     out = Path(out)
     phantom = data is None
+    cfg = demo_config(Path(data or out / "phantom"), epochs, phantom, device)
+    cfg.check()  # before the phantom is drawn or anything decoded
     annotations = None
     if phantom:
         data = out / "phantom"
@@ -80,7 +82,7 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, epoc
         raise XraylensError(f"demo data not found: {data}")
 
     run_dir = out / "run"
-    _train_or_reuse(demo_config(data, epochs, phantom, device), run_dir, force, progress)
+    _train_or_reuse(cfg, run_dir, force, progress)
     run = open_run(run_dir, device=device)  # loaded once, shared by every step below
     split = "test" if (data / "test").is_dir() else run.config.data.val_split
     metrics = evaluate_run(run, split=split)

@@ -137,17 +137,20 @@ def ce_loss(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(F.cross_entropy(t, torch.from_numpy(labels).long()).item())
 
 
-def open_source(config: RunConfig, data: str | Path | None = None) -> SourceSet:
-    """The records of `data` (default: the config's data) with the config's val split and patient
-    grouping; a plain folder of images (no class folders) is one unlabelled split "all"."""
+def open_source(config: RunConfig, data: str | Path | None = None, *, grouped: bool = True) -> SourceSet:
+    """The records of `data` (default: the config's data) with the config's val split, and with its
+    patient grouping when `grouped` (the run's own data: its val split is then exactly the one trained
+    with; other data need not follow the training set's naming). A plain folder of images (no class
+    folders) is one unlabelled split "all"."""
     d = config.data
     path = data if data is not None else d.path
     if not path:
         raise XraylensError("no data given: pass --data DIR (folder splits, a CSV manifest or an .npz)")
     if is_plain_image_folder(path):
         return load_image_folder(path)
-    return load_source(path, val_fraction=d.val_fraction, seed=d.split_seed, group_pattern=d.group_pattern,
-                       group_column=d.group_column)
+    return load_source(path, val_fraction=d.val_fraction, seed=d.split_seed,
+                       group_pattern=d.group_pattern if grouped else None,
+                       group_column=d.group_column if grouped else None)
 
 
 def cached_split(config: RunConfig, source: SourceSet, split: str, *, progress: bool = False) -> CachedSplit:
@@ -160,13 +163,13 @@ def cached_split(config: RunConfig, source: SourceSet, split: str, *, progress: 
                       cache_dir=d.cache_dir, workers=d.workers, progress=progress)
 
 
-def load_data_split(config: RunConfig, data: str | Path | None, split: str, *,
-                    progress: bool = False) -> tuple[SourceSet, CachedSplit]:
+def load_data_split(config: RunConfig, data: str | Path | None, split: str, *, progress: bool = False,
+                    grouped: bool = True) -> tuple[SourceSet, CachedSplit]:
     """A split of `data` (default: the config's data) through the config's own preprocessing.
 
     A plain folder of images is one unlabelled split "all" (`source.kind == "images"`) whatever
     `split` says: explain and localize accept it, evaluate does not."""
-    source = open_source(config, data)
+    source = open_source(config, data, grouped=grouped)
     if source.kind != "images" and config.classes and list(source.classes) != list(config.classes):
         raise XraylensError(f"classes of {source.root} {source.classes} differ from the run's {config.classes}")
     return source, cached_split(config, source, split, progress=progress)
@@ -203,7 +206,8 @@ class Run:
     def load_split(self, data: str | Path | None = None, split: str = "test",
                    progress: bool = False) -> tuple[SourceSet, CachedSplit]:
         """A split of `data` (default: the run's own data) through the run's preprocessing."""
-        return load_data_split(self.config, data if data is not None else self.data_path, split, progress=progress)
+        own = data is None
+        return load_data_split(self.config, self.data_path if own else data, split, progress=progress, grouped=own)
 
     def predict_logits(self, cached: CachedSplit, batch_size: int | None = None) -> np.ndarray:
         return predict_logits(self.model, cached, self.inputs, self.device,

@@ -292,10 +292,15 @@ class CamEngine:
     def _check_args(self, x, combine, score) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise XraylensError(f"expected an input batch [B,C,H,W], got {tuple(getattr(x, 'shape', ()))}")
-        if combine is not None and combine not in _COMBINE:
-            raise XraylensError(f"combine={combine!r} is not one of {', '.join(_COMBINE)}")
-        if score not in _SCORES:
-            raise XraylensError(f"score={score!r} is not one of {', '.join(_SCORES)}")
+        check_options(combine, score)
+
+
+def check_options(combine: str | None = None, score: str = "logit") -> None:
+    """The engine's string options, checkable before any data is loaded (--combine, --score)."""
+    if combine is not None and combine not in _COMBINE:
+        raise XraylensError(f"combine={combine!r} is not one of {', '.join(_COMBINE)}")
+    if score not in _SCORES:
+        raise XraylensError(f"score={score!r} is not one of {', '.join(_SCORES)}")
 
 
 def _model_device(model: nn.Module, x: torch.Tensor) -> torch.device:

@@ -15,8 +15,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from xraylens.data.sources import is_plain_image_folder
 from xraylens.errors import XraylensError
-from xraylens.explain.engine import CamEngine, CamResult
+from xraylens.explain.engine import CamEngine, CamResult, check_options
 from xraylens.explain.methods import resolve_methods
 from xraylens.ops import class_probabilities
 from xraylens.runs import Run, RunLike, open_run
@@ -63,6 +64,16 @@ def check_positive(**values: int | None) -> None:
             raise XraylensError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
 
 
+def check_cam_settings(run: Run, layers: Sequence[str] | None, combine: str | None, score: str,
+                       target: str | int, data: str | Path | None = None) -> None:
+    """Layer names, --combine, --score and --target checked against the model and the data before any
+    image is decoded (a typo should not cost minutes of decoding)."""
+    check_options(combine, score)
+    parse_target(target, run.classes)
+    check_target(target, labelled=data is None or not is_plain_image_folder(data))
+    CamEngine(run.model, list(layers) if layers else None)  # resolves the layer names; no hooks yet
+
+
 def pick_indices(n: int, limit: int | None) -> np.ndarray:
     """All images, or `limit` of them spread evenly over the split (cache order is by class)."""
     if limit is None or limit >= n:
@@ -102,9 +113,9 @@ def explain_run(run: RunLike, data: str | Path | None = None, split: str = "test
     if overlays < 0 or grid < 0:
         raise XraylensError(f"--overlays and --grid must be 0 or more, got {overlays} and {grid}")
     run = open_run(run, which=which, device=device)
+    check_cam_settings(run, layers, combine, score, target, data)
     source, cached = run.load_split(data, split)
     labelled = source.kind != "images"
-    check_target(target, labelled)
     indices = pick_indices(len(cached.labels), limit)
     out = Path(out) if out else run.run_dir / "cams"
 

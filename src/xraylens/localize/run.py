@@ -21,7 +21,13 @@ import torch
 from xraylens.data import annotations as ann
 from xraylens.errors import XraylensError
 from xraylens.explain import render
-from xraylens.explain.run import check_positive, check_target, iter_cams, parse_target, safe_name
+from xraylens.explain.run import (
+    check_cam_settings,
+    check_positive,
+    iter_cams,
+    parse_target,
+    safe_name,
+)
 from xraylens.io import write_csv, write_json
 from xraylens.localize import metrics as loc
 from xraylens.localize.faithfulness import deletion_insertion
@@ -88,9 +94,9 @@ def localize_run(run: RunLike, *, annotations: str | Path, fmt: str, data: str |
     check_metric_args(tolerance=tolerance, smooth=smooth, percentile=percentile)
     annots = ann.read_annotations(annotations, fmt, skip_bad)
     run = open_run(run, which=which, device=device)
+    check_cam_settings(run, layers, combine, "logit", target, data)
     source, cached = run.load_split(data, split)
     labelled = source.kind != "images"
-    check_target(target, labelled)
     keys = ann.match_keys(cached.ids, annots)
     indices = np.array([i for i, k in enumerate(keys) if k is not None], dtype=np.int64)
     if len(indices) == 0:

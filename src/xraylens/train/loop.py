@@ -23,10 +23,10 @@ from torch import nn
 from xraylens.config import RunConfig, flag_name
 from xraylens.data.augment import GpuAugment
 from xraylens.data.loader import iterate_batches
-from xraylens.data.sources import load_source
+from xraylens.data.sources import compile_group_pattern, load_source
 from xraylens.data.splits import write_splits_csv
 from xraylens.errors import XraylensError
-from xraylens.io import lock_dir, write_csv, write_json
+from xraylens.io import LOCK_NAME, lock_dir, write_csv, write_json
 from xraylens.metrics import checked_score, compute_metrics, metric_selector
 from xraylens.ops import class_probabilities_np
 from xraylens.progress import progress_bar
@@ -60,7 +60,14 @@ def check_config(cfg: RunConfig) -> None:
     from xraylens.models.registry import model_key
 
     cfg.check()
+    if not Path(cfg.data.path).expanduser().exists():
+        raise XraylensError(f"data path {cfg.data.path} does not exist; pass a folder, a .csv manifest or an .npz file")
+    compile_group_pattern(cfg.data.group_pattern)
     model_key(cfg.model.name)
+    GpuAugment.from_names(cfg.data.augment)
+    weights = cfg.model.weights
+    if weights and weights != "hub" and not Path(weights).expanduser().is_file():
+        raise XraylensError(f"--weights {weights}: no such file; pass a local .pth/.safetensors state dict or 'hub'")
     loss_key(cfg.train.loss)
     _choose("optimizer", cfg.train.optimizer, OPTIMIZERS)
     _choose("schedule", cfg.train.schedule, SCHEDULES)
@@ -217,9 +224,16 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
     if not cfg.data.path:
         raise XraylensError("no data given: pass --data DIR (folder splits, a CSV manifest or an .npz)")
     check_config(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    with lock_dir(out, "train"):
-        return _train_locked(absolute_paths(cfg), out, resume, progress, stop_after_batches)
+    created = not out.exists()
+    try:
+        with lock_dir(out, "train"):
+            return _train_locked(absolute_paths(cfg), out, resume, progress, stop_after_batches)
+    except BaseException:
+        # a run that failed before writing anything (bad data, say) leaves no empty folder behind
+        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            out.rmdir()
+        raise
 
 
 def _train_locked(cfg: RunConfig, out: Path, resume: bool, progress: bool,

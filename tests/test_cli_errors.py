@@ -1,0 +1,143 @@
+"""Every user mistake on the command line: exit code 2, one `error:` line, no traceback, and for the
+commands that decode images, nothing decoded yet (the cache stays empty).
+
+A new option is covered by adding a row to BAD.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from xraylens.cli import main
+from xraylens.config import RunConfig
+from xraylens.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def env(fixture_dir, tmp_path_factory):
+    """A tiny trained run, a data folder, an annotation file and a few bad files."""
+    root = tmp_path_factory.mktemp("cli_errors")
+    run = root / "run"
+    cfg = RunConfig().apply({"data.path": fixture_dir / "pneumonia", "model.name": "tinyvgg", "data.image_size": 32,
+                             "train.epochs": 1, "train.batch_size": 8, "train.device": "cpu"})
+    train(cfg, run, progress=False)
+    (root / "afile").write_text("not a folder\n")
+    (root / "utf16.csv").write_text("path,label\nx.png,a\n", encoding="utf-16")
+    (root / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    return {"RUN": str(run), "DATA": str(fixture_dir / "pneumonia"), "FILE": str(root / "afile"),
+            "UTF16": str(root / "utf16.csv"), "BINARY": str(root / "binary.csv"),
+            "BOXES": str(fixture_dir / "cxr_bbox" / "BBox_List_256.csv"),
+            "IMAGES": str(fixture_dir / "cxr_bbox" / "images"), "MISSING": str(root / "missing"),
+            "RO": "/proc/xraylens-run"}
+
+
+TRAIN = ["train", "--data", "DATA", "--model", "tinyvgg", "--image-size", "32", "--device", "cpu", "--quiet",
+         "--out", "MISSING"]
+EXPLAIN = ["explain", "RUN", "--split", "val", "--device", "cpu", "--out", "MISSING"]
+LOCALIZE = ["localize", "RUN", "--annotations", "BOXES", "--format", "nih", "--data", "IMAGES", "--device", "cpu",
+            "--out", "MISSING"]
+
+# (command line, words the message must contain); capital words are replaced from `env`
+BAD = [
+    (TRAIN + ["--epochs", "0"], "--epochs"),
+    (TRAIN + ["--batch-size", "0"], "--batch-size"),
+    (TRAIN + ["--lr", "-1"], "--lr"),
+    (TRAIN + ["--lr", "nan"], "--lr"),
+    (TRAIN + ["--image-size", "0"], "--image-size"),
+    (TRAIN + ["--center-crop", "1.5"], "--center-crop"),
+    (TRAIN + ["--early-stopping", "0"], "--early-stopping"),
+    (TRAIN + ["--train-last", "-1"], "--train-last"),
+    (TRAIN + ["--in-chans", "2"], "--in-chans"),
+    (TRAIN + ["--head-hidden", "0"], "--head-hidden"),
+    (TRAIN + ["--select", "accuracy/0"], "accuracy/0"),
+    (TRAIN + ["--select", "__import__('os')"], "select"),
+    (TRAIN + ["--model", "nope"], "nope"),
+    (TRAIN + ["--loss", "nope"], "nope"),
+    (TRAIN + ["--optimizer", "nope"], "nope"),
+    (TRAIN + ["--schedule", "nope"], "nope"),
+    (TRAIN + ["--augment", "nope"], "nope"),
+    (TRAIN + ["--device", "nope"], "nope"),
+    (TRAIN + ["--weights", "MISSING"], "--weights"),
+    (TRAIN + ["--group-pattern", "person(\\d+"], "group"),
+    (TRAIN + ["--set", "train.lr"], "section.key=value"),
+    (TRAIN + ["--set", "train.nope=1"], "nope"),
+    (TRAIN + ["--config", "MISSING"], "config"),
+    (TRAIN + ["--epochs", "abc"], "--epochs"),
+    (TRAIN + ["--nope"], "--nope"),
+    (["train", "--data", "MISSING", "--out", "MISSING"], "does not exist"),
+    (["train", "--data", "UTF16", "--out", "MISSING"], "UTF-8"),
+    (["train", "--data", "BINARY", "--out", "MISSING"], "UTF-8"),
+    (["train", "--data", "DATA", "--out", "FILE"], "FILE"),
+    (["train", "--data", "DATA", "--out", "RO"], "RO"),
+    (["train", "--out", "MISSING", "--resume"], "--resume"),
+    (["train", "--out", "RUN", "--resume", "--lr", "0.1"], "--lr"),
+    (["train", "--data", "DATA", "--out", "RUN"], "already holds a run"),
+    (["evaluate", "MISSING"], "not found"),
+    (["evaluate", "RUN", "--split", "nope"], "nope"),
+    (["evaluate", "RUN", "--checkpoint", "nope"], "nope"),
+    (["evaluate", "RUN", "--device", "nope"], "nope"),
+    (["evaluate", "RUN", "--data", "MISSING"], "does not exist"),
+    (["predict", "MISSING", "x.png"], "not found"),
+    (EXPLAIN + ["--batch-size", "0"], "--batch-size"),
+    (EXPLAIN + ["--limit", "-3"], "--limit"),
+    (EXPLAIN + ["--limit", "0"], "--limit"),
+    (EXPLAIN + ["--overlays", "-1"], "--overlays"),
+    (EXPLAIN + ["--grid", "-1"], "--grid"),
+    (EXPLAIN + ["--methods", "nope"], "nope"),
+    (EXPLAIN + ["--methods", ""], "method"),
+    (EXPLAIN + ["--target", "nope"], "nope"),
+    (EXPLAIN + ["--combine", "nope"], "nope"),
+    (EXPLAIN + ["--score", "nope"], "nope"),
+    (EXPLAIN + ["--layers", "nope"], "nope"),
+    (EXPLAIN + ["--split", "nope"], "nope"),
+    (LOCALIZE + ["--tolerance", "-1"], "--tolerance"),
+    (LOCALIZE + ["--smooth", "-1"], "--smooth"),
+    (LOCALIZE + ["--percentile", "100"], "--percentile"),
+    (LOCALIZE + ["--batch-size", "0"], "--batch-size"),
+    (LOCALIZE + ["--annotation-size", "0"], "--annotation-size"),
+    (LOCALIZE + ["--methods", "nope"], "nope"),
+    (LOCALIZE + ["--target", "true"], "true"),
+    (["localize", "RUN", "--annotations", "BOXES", "--format", "nope"], "nope"),
+    (["localize", "RUN", "--annotations", "MISSING", "--format", "nih"], "not found"),
+    (["demo", "--epochs", "0", "--out", "MISSING"], "--epochs"),
+    (["demo", "--data", "MISSING", "--out", "MISSING"], "not found"),
+    (["cache", "clear", "--older-than", "soon"], "soon"),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD])
+def test_bad_values_are_one_line_errors(env, argv, words, capsys, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XRAYLENS_CACHE", str(cache))
+    argv = [env.get(a, a) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert e.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert env.get(words, words) in lines[0], lines[0]
+    # checked before decoding: no image reached the cache
+    assert not cache.exists() or not any(cache.glob("*.npy")), sorted(os.listdir(cache))
+    assert not Path(env["MISSING"]).exists(), "a failed command left an output folder behind"
+
+
+def test_typed_paths_reach_the_config_as_typed(fixture_dir, tmp_path, monkeypatch):
+    """`--data yes`, `--data null` and a path with ': ' in it are paths, not YAML."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("yes", "null", "a: b"):
+        shutil.copytree(fixture_dir / "pneumonia", tmp_path / name)
+        cfg = RunConfig().apply({"data.path": Path(name)})
+        assert cfg.data.path == name
+    # end to end through the CLI: the run records the folder the user typed (made absolute)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", "a: b", "--model", "tinyvgg", "--image-size", "32", "--epochs", "1",
+              "--device", "cpu", "--quiet", "--out", str(run)])
+    assert e.value.code == 0
+    assert RunConfig.load(run / "config.yaml").data.path == str(tmp_path / "a: b")
