@@ -82,9 +82,19 @@ def test_disabled_prints_nothing(capsys):
 def test_default_stream_is_stderr(capsys, clock):
     # pytest's capture stream is not a terminal, so this is the plain path; stdout stays clean
     with progress_bar(True, "x", total=1) as advance:
+        clock.t += 3.0
         advance()
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("x: 1/1 (100%)")
+
+
+def test_short_tasks_write_nothing(capsys, clock):
+    # a cached split or a tiny epoch done within QUIET_S leaves the log alone
+    with progress_bar(True, "decoding val", total=60) as advance:
+        for _ in range(60):
+            clock.t += 0.01
+            advance()
+    assert capsys.readouterr() == ("", "")
 
 
 def test_terminal_gets_the_rich_bar(monkeypatch, clock):

@@ -20,6 +20,8 @@ from typing import TextIO
 
 LOG_EVERY_PCT = 10.0
 LOG_EVERY_S = 30.0
+# a task shorter than this writes nothing (decoding a cached split, a tiny epoch): logs stay readable
+QUIET_S = 2.0
 
 # the clock of the plain lines; tests replace it to get deterministic rates and times
 _clock: Callable[[], float] = time.monotonic
@@ -89,13 +91,15 @@ class _PlainProgress:
             self.loss_sum, self.loss_n = self.loss_sum + float(loss), self.loss_n + 1
         now = _clock()
         pct = 100.0 * self.done / self.total if self.total else 0.0
+        if now - self.start < QUIET_S:
+            return
         if pct >= self.next_pct or now - self.last_time >= LOG_EVERY_S:
             self._line(now)
             # the next percent step above where we are (a big `n` may jump several steps at once)
             self.next_pct = (math.floor(pct / LOG_EVERY_PCT) + 1) * LOG_EVERY_PCT
 
     def finish(self) -> None:
-        if self.done != self.last_done:
+        if self.done != self.last_done and (self.last_done or _clock() - self.start >= QUIET_S):
             self._line(_clock())
 
     def _line(self, now: float) -> None:
