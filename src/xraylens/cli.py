@@ -47,7 +47,7 @@ _D = RunConfig()  # defaults shown in --help come from the config itself, so the
 @app.command()
 def train(
     data: Annotated[Path | None, typer.Option("--data", help="Dataset: folder splits, class folders, CSV "
-                                              "manifest (path,label[,split]) or MedMNIST .npz.")] = None,
+                                              "manifest (path,label[,split]) or MedMNIST .npz (default: the --config's data.path).")] = None,
     model: Annotated[str | None, typer.Option("--model", help=f"Model name, see `xraylens models` "
                                               f"(default {_D.model.name}).")] = None,
     loss: Annotated[str | None, typer.Option("--loss", help="ce, ce-weighted, focal, focal-seed or bce "
@@ -58,7 +58,7 @@ def train(
                                                    f"pixels (default {_D.data.image_size}).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")] = Path("runs/run"),
     config: Annotated[Path | None, typer.Option("--config", help="YAML config (sections data, model, train); "
-                                                "options given here override it.")] = None,
+                                                "options given here override it (default: built-in defaults).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per optimiser step "
                                                    f"(default {_D.train.batch_size}).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help=f"Learning rate (default {_D.train.lr:g}).")] = None,
@@ -90,13 +90,13 @@ def train(
                                                       "patient, e.g. 'person(\\d+)': the automatic val split keeps "
                                                       "each patient's images together (default: per image).")] = None,
     group_column: Annotated[str | None, typer.Option("--group-column", help="Manifest column naming the patient, "
-                                                     "used like --group-pattern.")] = None,
+                                                     "used like --group-pattern (default: none).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N "
                                                f"(default {_D.train.device}).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of weights, data order and augmentation "
                                              f"(default {_D.train.seed}).")] = None,
     set_: Annotated[list[str] | None,
-                    typer.Option("--set", help="Any setting, e.g. --set train.weight_decay=0 (repeatable).")] = None,
+                    typer.Option("--set", help="Any setting, e.g. --set train.weight_decay=0 (repeatable; default: none).")] = None,
     resume: Annotated[bool,
                       typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
@@ -185,8 +185,8 @@ def explain(
     target: TargetOpt = "pred",
     score: Annotated[str, typer.Option("--score", help="Back-propagate the target's logit or prob.")] = "logit",
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: RUN/cams).")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Explain N images spread over the split.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    limit: Annotated[int | None, typer.Option("--limit", help="Explain N images spread over the split (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per engine pass.")] = 16,
     overlays: Annotated[int, typer.Option("--overlays", help="Write side-by-side PNGs for the first N images.")] = 16,
     grid: Annotated[int, typer.Option("--grid", help="Tiles in each grid_<method>.png.")] = 36,
     blank_wrong: Annotated[bool, typer.Option("--blank-wrong", help="Wrong predictions as blank grid tiles.")] = False,
@@ -213,7 +213,8 @@ def localize(
     data: Annotated[Path | None, typer.Option("--data", help="Dataset (class folders) or a plain folder of "
                                               "images. Default: the run's data.")] = None,
     image: Annotated[Path | None, typer.Option("--image", help="Single-image mode: print the result and "
-                                               "write an overlay with the annotation and peak marked.")] = None,
+                                               "write an overlay with the annotation and peak marked (default: the "
+                                               "whole split).")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of --data (ignored for a plain folder).")] = "test",
     methods: MethodsOpt = "gradcam",
     layers: LayersOpt = None,
@@ -222,15 +223,15 @@ def localize(
     tolerance: Annotated[float, typer.Option("--tolerance", help="Pointing-game tolerance, original pixels.")] = 15.0,
     smooth: Annotated[float, typer.Option("--smooth", help="Gaussian sigma (input pixels) before the peak.")] = 0.0,
     percentile: Annotated[float, typer.Option("--percentile", help="IoU of the map above this percentile.")] = 90.0,
-    label: Annotated[str | None, typer.Option("--label", help="Only shapes of this finding label.")] = None,
+    label: Annotated[str | None, typer.Option("--label", help="Only shapes of this finding label (default: all).")] = None,
     faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Also deletion/insertion AUC.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed annotation rows (counted).")] = False,
     annotation_size: Annotated[str | None, typer.Option("--annotation-size", help="W,H (or one number) of the "
                                                         "images the coordinates were drawn on, when the files "
                                                         "were resized since. COCO sizes are read from the "
-                                                        "file.")] = None,
+                                                        "file. Default: the files' own size.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per engine pass.")] = 16,
     device: DeviceOpt = "auto",
 ) -> None:
     """Pointing game, energy and IoU of CAMs against annotations, beside centre and random baselines."""
@@ -274,7 +275,7 @@ def models() -> None:
 
 @app.command()
 def demo(
-    data: Annotated[Path | None, typer.Option("--data", help="Run the same job on a real folder instead.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Run the same job on a real folder of class folders instead (default: phantoms).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Where the phantom data and the run go.")] = Path("runs/demo"),
     epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs (default 20 on phantoms, "
                                                "5 on --data).")] = None,
@@ -322,7 +323,7 @@ def cache_list(cache_dir: CacheDirOpt = None) -> None:
 def cache_clear(
     cache_dir: CacheDirOpt = None,
     older_than: Annotated[str | None, typer.Option("--older-than", help="Only entries unused this long, "
-                                                   "e.g. 7d, 12h or 30m.")] = None,
+                                                   "e.g. 7d, 12h or 30m (default: every entry).")] = None,
 ) -> None:
     """Delete cache entries; they are decoded again when next needed. Live writers are left alone."""
     from xraylens.data.cache import cache_root, clear_cache, format_bytes, parse_age
