@@ -52,8 +52,9 @@ def build_model(name: str, device: torch.device) -> tuple[torch.nn.Module, torch
     raise SystemExit(f"--model {name}: this benchmark knows the CAM layer of ResNets only (model.layer4)")
 
 
-def run_interleaved(contenders: dict[str, Callable[[], object]], iters: int, warmup: int,
-                    device: torch.device, batch: int) -> dict[str, float]:
+def run_interleaved(
+    contenders: dict[str, Callable[[], object]], iters: int, warmup: int, device: torch.device, batch: int
+) -> dict[str, float]:
     """Images/s per contender: best of ``iters`` calls, taken round-robin after ``warmup`` calls each.
 
     Round-robin plus best-of keeps a shared, busy machine from favouring whoever ran in a quiet moment.
@@ -81,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--model", default="resnet50")
-    ap.add_argument("--scorecam", action="store_true",
-                    help="also time Score-CAM (one forward per channel per image: minutes on CPU)")
+    ap.add_argument(
+        "--scorecam",
+        action="store_true",
+        help="also time Score-CAM (one forward per channel per image: minutes on CPU)",
+    )
     ap.add_argument("--no-peers", action="store_true", help="time ours only")
     args = ap.parse_args(argv)
 
@@ -103,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 
     methods = [m for m in PEERS if m != "scorecam" or args.scorecam]
     grad_methods = [m for m in [*methods, *OURS_ONLY] if m not in ("eigencam", "scorecam")]
-    print(f"# {args.model} {args.image_size}x{args.image_size}, batch {batch}, best of {iters} calls "
-          f"(+{args.warmup} warm-up, round-robin), device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if not cpu else f", {torch.get_num_threads()} threads"),
-          flush=True)
+    print(
+        f"# {args.model} {args.image_size}x{args.image_size}, batch {batch}, best of {iters} calls "
+        f"(+{args.warmup} warm-up, round-robin), device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if not cpu else f", {torch.get_num_threads()} threads"),
+        flush=True,
+    )
 
     def fwd():
         with torch.no_grad():
@@ -152,19 +158,24 @@ def main(argv: list[str] | None = None) -> int:
     forward_rate, all_rate = res["forward"], res["ours:all"]
 
     print()
-    print(f"{'method':<18} {'ours img/s':>11} {'pgc img/s':>10} {'ours/pgc':>9} "
-          f"{'captum img/s':>13} {'ours/captum':>12}")
+    print(
+        f"{'method':<18} {'ours img/s':>11} {'pgc img/s':>10} {'ours/pgc':>9} {'captum img/s':>13} {'ours/captum':>12}"
+    )
     for m, r in rates.items():
         pgc_r, cap_r = r.get("pgc"), r.get("captum")
-        print(f"{m:<18} {r['ours']:>11.1f} "
-              + (f"{pgc_r:>10.1f} {r['ours'] / pgc_r:>8.2f}x" if pgc_r else f"{'-':>10} {'-':>9}")
-              + (f" {cap_r:>13.1f} {r['ours'] / cap_r:>11.2f}x" if cap_r else f" {'-':>13} {'-':>12}"))
+        print(
+            f"{m:<18} {r['ours']:>11.1f} "
+            + (f"{pgc_r:>10.1f} {r['ours'] / pgc_r:>8.2f}x" if pgc_r else f"{'-':>10} {'-':>9}")
+            + (f" {cap_r:>13.1f} {r['ours'] / cap_r:>11.2f}x" if cap_r else f" {'-':>13} {'-':>12}")
+        )
     print(f"{'forward only':<18} {forward_rate:>11.1f}")
     one = rates["gradcam"]["ours"]
     print()
-    print(f"all {len(grad_methods)} gradient methods from one pass: {batch / all_rate * 1000:.1f} ms/batch "
-          f"vs gradcam alone {batch / one * 1000:.1f} ms/batch ({one / all_rate:.2f}x the time of one; "
-          f"{len(grad_methods)} separate calls would be ~{len(grad_methods)}x)")
+    print(
+        f"all {len(grad_methods)} gradient methods from one pass: {batch / all_rate * 1000:.1f} ms/batch "
+        f"vs gradcam alone {batch / one * 1000:.1f} ms/batch ({one / all_rate:.2f}x the time of one; "
+        f"{len(grad_methods)} separate calls would be ~{len(grad_methods)}x)"
+    )
     print(f"gradcam vs forward only: {forward_rate / one:.2f}x the time of a forward pass")
     return 0
 

@@ -114,11 +114,15 @@ def main() -> None:
     r1, s1 = real(args.steps), synthetic(args.steps)
     r2, s2 = real(args.steps), synthetic(args.steps)
     r, s = (r1 + r2) / 2, (s1 + s2) / 2
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} "
-          f"{'GPU' if device.type == 'cuda' else 'CPU threads'}), torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}")
-    print(f"data {args.data}: {len(cached.labels)} train images, cache "
-          f"{'found' if was_cached else 'built (every image decoded once)'} in {cache_s:.1f} s; not timed below")
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} "
+        f"{'GPU' if device.type == 'cuda' else 'CPU threads'}), torch {torch.__version__}, threads "
+        f"{torch.get_num_threads()}"
+    )
+    print(
+        f"data {args.data}: {len(cached.labels)} train images, cache "
+        f"{'found' if was_cached else 'built (every image decoded once)'} in {cache_s:.1f} s; not timed below"
+    )
     print(f"model {args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, augment {args.augment}")
     print(f"{'path':<40}{'images/s':>12}")
     print(f"{'xraylens data path (real folder)':<40}{r:>12.1f}")

@@ -6,4 +6,5 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 ./scripts/setup.sh test
 VENV=${XRAYLENS_VENV:-.venv}
 "$VENV/bin/ruff" check src tests bench
+"$VENV/bin/ruff" format --check src tests bench
 "$VENV/bin/python" -m pytest -q "$@"

@@ -76,14 +76,43 @@ def test_cli_annotation_size_equals_boxes_drawn_at_file_size(fixture_dir, tmp_pa
         for r in rows:
             w.writerow([r["image"], r["label"], r["x_1024"], r["y_1024"], r["w_1024"], r["h_1024"]])
     run = tmp_path / "run"
-    cfg = RunConfig().override([f"data.path={fixture_dir / 'pneumonia'}", "data.image_size=48", "model.name=resnet18",
-                                "train.epochs=1", "train.batch_size=8", "train.device=cpu"])
+    cfg = RunConfig().override(
+        [
+            f"data.path={fixture_dir / 'pneumonia'}",
+            "data.image_size=48",
+            "model.name=resnet18",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.device=cpu",
+        ]
+    )
     train(cfg, run, progress=False)
     out = {}
     for name, ann, extra in (("small", box / "BBox_List_256.csv", []), ("big", big, ["--annotation-size", "1024"])):
-        r = subprocess.run([sys.executable, "-m", "xraylens", "localize", str(run), "--data", str(box / "images"),
-                            "--annotations", str(ann), "--format", "nih", "--tolerance", "0", "--device", "cpu",
-                            "--out", str(tmp_path / name), *extra], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "xraylens",
+                "localize",
+                str(run),
+                "--data",
+                str(box / "images"),
+                "--annotations",
+                str(ann),
+                "--format",
+                "nih",
+                "--tolerance",
+                "0",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / name),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr
         out[name] = json.loads((tmp_path / name / "localization_summary.json").read_text())
     assert out["big"]["annotation_size"] == [1024, 1024]

@@ -228,8 +228,10 @@ def test_all_rows_bad_is_a_clear_error_not_an_empty_set(tmp_path):
     with pytest.raises(XraylensError) as e:
         read_object_cxr(p, skip_bad=True)
     msg = str(e.value)
-    assert msg.startswith("dev.csv: no usable annotations, 3 bad entries skipped and no shape left (first: row 2: "
-                          "rectangle needs exactly 4 coordinates")
+    assert msg.startswith(
+        "dev.csv: no usable annotations, 3 bad entries skipped and no shape left (first: row 2: "
+        "rectangle needs exactly 4 coordinates"
+    )
     assert "row 3: shape type 9" in msg and "row 4: coordinate 'x'" in msg and "\n" not in msg
     p = _write(tmp_path, "nih.csv", "image,label,x,y,w,h\na.png,Mass,1,2,0,4\n")
     with pytest.raises(XraylensError, match=r"nih.csv: no usable annotations, 1 bad entry skipped .*row 2: box"):
@@ -269,8 +271,10 @@ def test_shapes_outside_the_crop_are_dropped_and_recorded(fixture_dir):
     shapes = shapes_on_images(keys, annots, geoms)
     assert shapes[0] == []  # its one box (x 193-222) lies right of the crop
     assert annots.dropped["00014731_028.png"] == (
-        1, "1 of 1 shape(s) dropped: rectangle x 193-222, y 66-102 lies outside the centre crop the model sees "
-           "(x 64-192, y 64-192)")
+        1,
+        "1 of 1 shape(s) dropped: rectangle x 193-222, y 66-102 lies outside the centre crop the model sees "
+        "(x 64-192, y 64-192)",
+    )
     assert shapes[1] == annots["00021703_001.png"].shapes  # partly inside: all three kept
     assert shapes[2] == annots["00028452_001.png"].shapes
     assert shapes[3:] == [[], []] and set(annots.dropped) == {"00014731_028.png"}
@@ -289,5 +293,7 @@ def test_shapes_outside_the_image_name_the_annotation_frame(fixture_dir):
     (kept,) = shapes_on_images([key], annots, [g], ref_size=(128, 128))
     assert [type(s) for s in kept] == [Rectangle]  # y 125-178: its top rows stay on the image
     count, reason = annots.dropped[key]
-    assert count == 2 and reason == ("2 of 3 shape(s) dropped: ellipse x 141-193, y 128-167 lies outside the "
-                                     "128x128 image; polygon x 28-68, y 165-179 lies outside the 128x128 image")
+    assert count == 2 and reason == (
+        "2 of 3 shape(s) dropped: ellipse x 141-193, y 128-167 lies outside the "
+        "128x128 image; polygon x 28-68, y 165-179 lies outside the 128x128 image"
+    )

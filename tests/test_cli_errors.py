@@ -22,24 +22,62 @@ def env(fixture_dir, tmp_path_factory):
     """A tiny trained run, a data folder, an annotation file and a few bad files."""
     root = tmp_path_factory.mktemp("cli_errors")
     run = root / "run"
-    cfg = RunConfig().apply({"data.path": fixture_dir / "pneumonia", "model.name": "tinyvgg", "data.image_size": 32,
-                             "train.epochs": 1, "train.batch_size": 8, "train.device": "cpu"})
+    cfg = RunConfig().apply(
+        {
+            "data.path": fixture_dir / "pneumonia",
+            "model.name": "tinyvgg",
+            "data.image_size": 32,
+            "train.epochs": 1,
+            "train.batch_size": 8,
+            "train.device": "cpu",
+        }
+    )
     train(cfg, run, progress=False)
     (root / "afile").write_text("not a folder\n")
     (root / "utf16.csv").write_text("path,label\nx.png,a\n", encoding="utf-16")
     (root / "binary.csv").write_bytes(bytes(range(256)) * 4)
-    return {"RUN": str(run), "DATA": str(fixture_dir / "pneumonia"), "FILE": str(root / "afile"),
-            "UTF16": str(root / "utf16.csv"), "BINARY": str(root / "binary.csv"),
-            "BOXES": str(fixture_dir / "cxr_bbox" / "BBox_List_256.csv"),
-            "IMAGES": str(fixture_dir / "cxr_bbox" / "images"), "MISSING": str(root / "missing"),
-            "RO": "/proc/xraylens-run"}
+    return {
+        "RUN": str(run),
+        "DATA": str(fixture_dir / "pneumonia"),
+        "FILE": str(root / "afile"),
+        "UTF16": str(root / "utf16.csv"),
+        "BINARY": str(root / "binary.csv"),
+        "BOXES": str(fixture_dir / "cxr_bbox" / "BBox_List_256.csv"),
+        "IMAGES": str(fixture_dir / "cxr_bbox" / "images"),
+        "MISSING": str(root / "missing"),
+        "RO": "/proc/xraylens-run",
+    }
 
 
-TRAIN = ["train", "--data", "DATA", "--model", "tinyvgg", "--image-size", "32", "--device", "cpu", "--quiet",
-         "--out", "MISSING"]
+TRAIN = [
+    "train",
+    "--data",
+    "DATA",
+    "--model",
+    "tinyvgg",
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--out",
+    "MISSING",
+]
 EXPLAIN = ["explain", "RUN", "--split", "val", "--device", "cpu", "--out", "MISSING"]
-LOCALIZE = ["localize", "RUN", "--annotations", "BOXES", "--format", "nih", "--data", "IMAGES", "--device", "cpu",
-            "--out", "MISSING"]
+LOCALIZE = [
+    "localize",
+    "RUN",
+    "--annotations",
+    "BOXES",
+    "--format",
+    "nih",
+    "--data",
+    "IMAGES",
+    "--device",
+    "cpu",
+    "--out",
+    "MISSING",
+]
 
 # (command line, words the message must contain); capital words are replaced from `env`
 BAD = [
@@ -137,7 +175,23 @@ def test_typed_paths_reach_the_config_as_typed(fixture_dir, tmp_path, monkeypatc
     # end to end through the CLI: the run records the folder the user typed (made absolute)
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        main(["train", "--data", "a: b", "--model", "tinyvgg", "--image-size", "32", "--epochs", "1",
-              "--device", "cpu", "--quiet", "--out", str(run)])
+        main(
+            [
+                "train",
+                "--data",
+                "a: b",
+                "--model",
+                "tinyvgg",
+                "--image-size",
+                "32",
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(run),
+            ]
+        )
     assert e.value.code == 0
     assert RunConfig.load(run / "config.yaml").data.path == str(tmp_path / "a: b")

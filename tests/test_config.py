@@ -17,8 +17,9 @@ def test_yaml_round_trip(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg = RunConfig().override(["data.balanced=true", "train.epochs=4", "model.weights=/x/w.pth",
-                                "model.train_last=null"])
+    cfg = RunConfig().override(
+        ["data.balanced=true", "train.epochs=4", "model.weights=/x/w.pth", "model.train_last=null"]
+    )
     assert cfg.data.balanced is True and cfg.train.epochs == 4 and cfg.model.weights == "/x/w.pth"
     assert cfg.model.train_last is None
 

@@ -153,8 +153,13 @@ def test_resolve_size():
 def test_npz_goes_through_prepare_image(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
-    np.savez(tmp_path / "m.npz", train_images=imgs, train_labels=np.arange(6) % 2,
-             val_images=imgs[:2], val_labels=np.array([[0], [1]]))
+    np.savez(
+        tmp_path / "m.npz",
+        train_images=imgs,
+        train_labels=np.arange(6) % 2,
+        val_images=imgs[:2],
+        val_labels=np.array([[0], [1]]),
+    )
     src = load_source(tmp_path / "m.npz")
     c = load_split(src, "train", 14, cache_dir=tmp_path / "c", workers=1)
     assert c.images.shape == (6, 14, 14) and c.labels.tolist() == [0, 1, 0, 1, 0, 1]

@@ -79,8 +79,11 @@ def test_rgba_alpha_is_discarded(tmp_path):
 
 def test_pixel_limit_parameter_and_environment(fixture_dir, monkeypatch):
     jpg = _first(fixture_dir / "pneumonia" / "NORMAL")  # 224 x 224 = 50,176 pixels
-    with pytest.raises(DecodeError, match=r"224x224 image \(50,176 pixels\) is above the limit of 50,000 "
-                                          r"pixels; set XRAYLENS_MAX_PIXELS=50176 \(or more\)"):
+    with pytest.raises(
+        DecodeError,
+        match=r"224x224 image \(50,176 pixels\) is above the limit of 50,000 "
+        r"pixels; set XRAYLENS_MAX_PIXELS=50176 \(or more\)",
+    ):
         decode_image(jpg, max_pixels=50_000)
     assert decode_image(jpg, max_pixels=50_176).shape == (224, 224)
     monkeypatch.setenv("XRAYLENS_MAX_PIXELS", "50000")
@@ -156,8 +159,15 @@ def test_cache_reports_refused_files_as_skipped(fixture_dir, tmp_path, monkeypat
 # ----------------------------------------------------------------------------------------------- DICOM
 
 
-def _dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", window=None,
-           slope=2.0, intercept=-100.0, with_pixels=True) -> Path:
+def _dicom(
+    path: Path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    window=None,
+    slope=2.0,
+    intercept=-100.0,
+    with_pixels=True,
+) -> Path:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

@@ -13,9 +13,13 @@ def _cached(n=50, h=6, w=5, labels=None) -> CachedSplit:
     rng = np.random.default_rng(0)
     labels = np.asarray(labels if labels is not None else np.arange(n) % 3, dtype=np.int64)
     geo = Geometry(h, w, (0.0, 0.0, float(w), float(h)), h, w)
-    return CachedSplit(images=rng.integers(0, 256, (len(labels), h, w), dtype=np.uint8), labels=labels,
-                       ids=[f"i{k}" for k in range(len(labels))], geometry=[geo] * len(labels),
-                       classes=["a", "b", "c"])
+    return CachedSplit(
+        images=rng.integers(0, 256, (len(labels), h, w), dtype=np.uint8),
+        labels=labels,
+        ids=[f"i{k}" for k in range(len(labels))],
+        geometry=[geo] * len(labels),
+        classes=["a", "b", "c"],
+    )
 
 
 def test_shapes_dtypes_and_order():

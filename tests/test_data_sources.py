@@ -71,8 +71,16 @@ def test_symlinked_data_folder(tmp_path):
     link.symlink_to(real, target_is_directory=True)
     src = load_source(link, val_fraction=0.0)
     ids = sorted(r.id for r in src.records)
-    assert ids == ["a/img0.png", "a/img1.png", "a/img2.png", "b/img0.png", "b/img1.png", "b/img2.png",
-                   "b/more/x0.png", "b/more/x1.png"]
+    assert ids == [
+        "a/img0.png",
+        "a/img1.png",
+        "a/img2.png",
+        "b/img0.png",
+        "b/img1.png",
+        "b/img2.png",
+        "b/more/x0.png",
+        "b/more/x1.png",
+    ]
     assert Path(src.root) == real.resolve()
     for r in src.records:
         assert Path(r.path).is_file() and Path(r.path) == Path(r.path).resolve()
@@ -88,8 +96,7 @@ def test_pneumonia_fixture(fixture_dir):
 
 
 def test_split_folders_alias_natural_order_and_ignored(tmp_path):
-    root = _tree(tmp_path / "ds", {"train": {"10": 2, "2": 2}, "valid": {"10": 1, "2": 1},
-                                   "test": {"10": 1, "2": 1}})
+    root = _tree(tmp_path / "ds", {"train": {"10": 2, "2": 2}, "valid": {"10": 1, "2": 1}, "test": {"10": 1, "2": 1}})
     (root / "README.txt").write_text("hi")
     (root / "train" / "2" / "notes.csv").write_text("x")
     (root / "train" / "2" / ".DS_Store").write_text("x")  # hidden: not counted
@@ -193,12 +200,16 @@ def test_manifest_errors(tmp_path):
         load_source(tmp_path / "dup.csv")
 
 
-@pytest.mark.parametrize("content", [
-    "path,label\na.png,x\n".encode("utf-16"),  # Excel "Unicode text": BOM + UTF-16LE
-    "path,label\na.png,x\n".encode("utf-16-le"),  # no BOM: NUL bytes
-    b"\x89PNG\r\n\x1a\n" + bytes(range(256)),  # an image renamed .csv
-    "path,label\nb\u00e9b\u00e9.png,x\n".encode("latin-1"),  # an undecodable byte on line 2
-], ids=["utf16", "utf16le", "binary", "latin1"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "path,label\na.png,x\n".encode("utf-16"),  # Excel "Unicode text": BOM + UTF-16LE
+        "path,label\na.png,x\n".encode("utf-16-le"),  # no BOM: NUL bytes
+        b"\x89PNG\r\n\x1a\n" + bytes(range(256)),  # an image renamed .csv
+        "path,label\nb\u00e9b\u00e9.png,x\n".encode("latin-1"),  # an undecodable byte on line 2
+    ],
+    ids=["utf16", "utf16le", "binary", "latin1"],
+)
 def test_manifest_not_utf8_is_one_line(tmp_path, content):
     (tmp_path / "m.csv").write_bytes(content)
     with pytest.raises(XraylensError, match="is not a UTF-8 CSV file.*CSV UTF-8") as e:
@@ -207,10 +218,14 @@ def test_manifest_not_utf8_is_one_line(tmp_path, content):
 
 
 def test_manifest_label_only_in_val_or_test(tmp_path):
-    (tmp_path / "m.csv").write_text("path,label,split\na.png,x,train\nb.png,y,train\nc.png,z,val\n"
-                                    "d.png,z,test\ne.png,x,val\n")
-    with pytest.raises(XraylensError, match=r"label\(s\) \['z'\] appear only in split\(s\) \['val', 'test'\], "
-                                            "never in 'train'"):
+    (tmp_path / "m.csv").write_text(
+        "path,label,split\na.png,x,train\nb.png,y,train\nc.png,z,val\nd.png,z,test\ne.png,x,val\n"
+    )
+    with pytest.raises(
+        XraylensError,
+        match=r"label\(s\) \['z'\] appear only in split\(s\) \['val', 'test'\], "
+        "never in 'train'",
+    ):
         load_source(tmp_path / "m.csv")
     # an evaluation-only manifest (no train rows) has no training to spoil
     (tmp_path / "t.csv").write_text("path,label,split\na.png,x,test\nb.png,y,test\n")
@@ -220,8 +235,13 @@ def test_manifest_label_only_in_val_or_test(tmp_path):
 def test_npz_medmnist(tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (12, 7, 9, 3), dtype=np.uint8)
-    np.savez(tmp_path / "toy.npz", train_images=rgb, train_labels=np.array([[i % 3] for i in range(12)]),
-             test_images=rng.integers(0, 256, (4, 7, 9), dtype=np.uint8), test_labels=np.array([0, 1, 2, 1]))
+    np.savez(
+        tmp_path / "toy.npz",
+        train_images=rgb,
+        train_labels=np.array([[i % 3] for i in range(12)]),
+        test_images=rng.integers(0, 256, (4, 7, 9), dtype=np.uint8),
+        test_labels=np.array([0, 1, 2, 1]),
+    )
     src = load_source(tmp_path / "toy.npz", val_fraction=0.25, seed=1)
     assert src.kind == "npz" and src.classes == ["0", "1", "2"]
     assert src.arrays["test"].shape == (4, 7, 9) and src.arrays["train"].dtype == np.uint8

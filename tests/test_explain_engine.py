@@ -18,8 +18,17 @@ from xraylens.explain import CamEngine, ClassTarget, SegmentationTarget, explain
 from xraylens.explain.methods import METHODS, gradcam
 from xraylens.ops import class_probabilities, class_probabilities_np
 
-GRAD_METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "normgrad-scaling",
-                "normgrad-conv1x1", "normgrad-conv3x3", "eigencam"]
+GRAD_METHODS = [
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "layercam",
+    "hirescam",
+    "normgrad-scaling",
+    "normgrad-conv1x1",
+    "normgrad-conv3x3",
+    "eigencam",
+]
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +230,7 @@ def test_scorecam_batched_equals_per_image_and_chunk_size_free():
     net = _Tiny().eval()
     xb = torch.randn(3, 1, 32, 24)
     with CamEngine(net) as engine:
-        full = engine(xb, ["scorecam", "gradcam"], targets=torch.tensor([0, 1, 1]), score="prob",
-                      scorecam_batch_size=5)
+        full = engine(xb, ["scorecam", "gradcam"], targets=torch.tensor([0, 1, 1]), score="prob", scorecam_batch_size=5)
         big = engine(xb, "scorecam", targets=torch.tensor([0, 1, 1]), score="prob", scorecam_batch_size=999)
         solo = engine(xb[2:], "scorecam", targets=1, score="prob")
     assert torch.allclose(full.maps["scorecam"], big.maps["scorecam"], atol=1e-5)
@@ -254,8 +262,12 @@ def test_three_channel_non_square_input():
 class _Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(inplace=True),
-                                      nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(inplace=True))
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, 8, 3, padding=1, stride=2),
+            nn.ReLU(inplace=True),
+        )
         self.fc = nn.Linear(8, 2)
         self.default_cam_layers = ["features.2"]
 
@@ -361,8 +373,12 @@ class _Segmenter(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(),
-                                      nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False),
+            nn.ReLU(),
+        )
         self.head = nn.Conv2d(8, 2, 1, bias=False)
         with torch.no_grad():
             for p in self.parameters():
@@ -388,8 +404,9 @@ def test_segmentation_target_highlights_the_masked_region():
     net = _Segmenter().eval()
     x, left, right = _two_blobs()
     for mask, inside, outside in [(left, left, right), (right, right, left)]:
-        res = explain(net, x, ["hirescam", "layercam", "gradcam"], layers=["features"],
-                      targets=SegmentationTarget(1, mask))
+        res = explain(
+            net, x, ["hirescam", "layercam", "gradcam"], layers=["features"], targets=SegmentationTarget(1, mask)
+        )
         assert res.logits.shape == (2, 2, 40, 48)
         assert res.targets.tolist() == [-1, -1] and torch.isnan(res.probs).all()
         for m in ("hirescam", "layercam"):  # element-wise methods: evidence only where the mask reads
@@ -411,7 +428,7 @@ def test_segmentation_target_per_image_masks_and_scorecam():
     with CamEngine(net, ["features.2"]) as engine:
         full = engine(x, ["scorecam", "hirescam"], targets=SegmentationTarget(1, masks), scorecam_batch_size=5)
         for i in range(3):
-            solo = engine(x[i:i + 1], ["scorecam", "hirescam"], targets=SegmentationTarget(1, masks[i]))
+            solo = engine(x[i : i + 1], ["scorecam", "hirescam"], targets=SegmentationTarget(1, masks[i]))
             for m in ("scorecam", "hirescam"):
                 assert torch.allclose(full.maps[m][i], solo.maps[m][0], atol=1e-5), (m, i)
     assert torch.equal(full.maps["hirescam"][0, 0] > 0, full.maps["hirescam"][2, 0] > 0)

@@ -65,8 +65,17 @@ def test_cam_grid_titles_blanks_and_png(tmp_path):
     pred = torch.tensor([0, 1, 0, 0, 1])
     probs = [0.9, 0.7, 0.95, 0.86, 0.5]
     path = tmp_path / "grid.png"
-    png = cam_grid(images, cams, true=true, pred=pred, probs=probs, class_names=["NORMAL", "PNEUMONIA"],
-                   blank_wrong=True, ncols=3, path=path)
+    png = cam_grid(
+        images,
+        cams,
+        true=true,
+        pred=pred,
+        probs=probs,
+        class_names=["NORMAL", "PNEUMONIA"],
+        blank_wrong=True,
+        ncols=3,
+        path=path,
+    )
     assert path.read_bytes() == png
     img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     assert img.shape[2] == 3 and img.shape[1] > img.shape[0]  # 3 columns x 2 rows
@@ -85,8 +94,9 @@ def titles(monkeypatch):
 
     seen: list[tuple[str, str]] = []
     orig = Axes.set_title
-    monkeypatch.setattr(Axes, "set_title",
-                        lambda self, t, **kw: (seen.append((t, kw.get("color"))), orig(self, t, **kw))[1])
+    monkeypatch.setattr(
+        Axes, "set_title", lambda self, t, **kw: (seen.append((t, kw.get("color"))), orig(self, t, **kw))[1]
+    )
     return seen
 
 
@@ -98,10 +108,12 @@ def _grid(n, **kw):
 def test_cam_grid_titles_text(titles):
     """Tile titles: true class, prediction with probability; "Good" = correct and p >= 0.85."""
     _grid(4, true=[1, 0, 0, 1], pred=[1, 1, 0, 1], probs=[0.85, 0.6, 0.5, 0.84])
-    assert titles == [("PNEUMONIA | pred PNEUMONIA 0.85 | Good", "green"),
-                      ("NORMAL | pred PNEUMONIA 0.60 | wrong", "red"),
-                      ("NORMAL | pred NORMAL 0.50", "green"),
-                      ("PNEUMONIA | pred PNEUMONIA 0.84", "green")]
+    assert titles == [
+        ("PNEUMONIA | pred PNEUMONIA 0.85 | Good", "green"),
+        ("NORMAL | pred PNEUMONIA 0.60 | wrong", "red"),
+        ("NORMAL | pred NORMAL 0.50", "green"),
+        ("PNEUMONIA | pred PNEUMONIA 0.84", "green"),
+    ]
 
 
 def test_cam_grid_confident_wrong_prediction_is_not_good(titles):
@@ -117,9 +129,13 @@ def test_cam_grid_unlabelled_tiles_are_neither_right_nor_wrong(titles):
     # per tile: -1 or None = no label for that image; the labelled ones are still judged
     _grid(3, true=np.array([-1, 0, -1]), pred=[0, 1, 1], probs=[0.9, 0.9, 0.9])
     _grid(2, true=[None, 1], pred=torch.tensor([0, 1]), probs=[0.9, 0.9])
-    assert titles == [("pred NORMAL 0.90", "black"), ("NORMAL | pred PNEUMONIA 0.90 | wrong", "red"),
-                      ("pred PNEUMONIA 0.90", "black"),
-                      ("pred NORMAL 0.90", "black"), ("PNEUMONIA | pred PNEUMONIA 0.90 | Good", "green")]
+    assert titles == [
+        ("pred NORMAL 0.90", "black"),
+        ("NORMAL | pred PNEUMONIA 0.90 | wrong", "red"),
+        ("pred PNEUMONIA 0.90", "black"),
+        ("pred NORMAL 0.90", "black"),
+        ("PNEUMONIA | pred PNEUMONIA 0.90 | Good", "green"),
+    ]
 
 
 def test_cam_grid_blank_wrong_keeps_unlabelled_tiles():
@@ -147,10 +163,21 @@ def test_npz_roundtrip_float16(tmp_path):
 
 def test_index_csv(tmp_path):
     path = tmp_path / "index.csv"
-    write_index_csv(path, ["a", "b"], {"pred": torch.tensor([1, 0]), "prob": [0.9, 0.1],
-                                       "constant": torch.tensor([False, True]), "file": ["a.png", "b.png"]})
+    write_index_csv(
+        path,
+        ["a", "b"],
+        {
+            "pred": torch.tensor([1, 0]),
+            "prob": [0.9, 0.1],
+            "constant": torch.tensor([False, True]),
+            "file": ["a.png", "b.png"],
+        },
+    )
     rows = list(csv.reader(path.open()))
-    assert rows == [["id", "pred", "prob", "constant", "file"], ["a", "1", "0.9", "False", "a.png"],
-                    ["b", "0", "0.1", "True", "b.png"]]
+    assert rows == [
+        ["id", "pred", "prob", "constant", "file"],
+        ["a", "1", "0.9", "False", "a.png"],
+        ["b", "0", "0.1", "True", "b.png"],
+    ]
     with pytest.raises(XraylensError, match="one per id"):
         write_index_csv(path, ["a"], {"pred": [1, 2]})

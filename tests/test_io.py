@@ -72,8 +72,10 @@ def test_lock_dir_contention_and_release_on_kill(tmp_path):
         with pytest.raises(XraylensError) as exc, lock_dir(run, "evaluate"):
             pass
         msg = str(exc.value)
-        assert msg == (f"{run} is in use by another xraylens train (pid {holder.pid}); "
-                       "wait for it to finish or choose another --out")
+        assert msg == (
+            f"{run} is in use by another xraylens train (pid {holder.pid}); "
+            "wait for it to finish or choose another --out"
+        )
         assert "\n" not in msg
         # another folder is not affected
         with lock_dir(tmp_path / "runs" / "r2", "train"):

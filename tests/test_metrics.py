@@ -69,9 +69,7 @@ def test_multiclass_against_sklearn():
     assert m["positive"] is None
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
     for avg, suffix in (("weighted", "_weighted"), ("macro", "_macro")):
-        assert m["precision" + suffix] == pytest.approx(
-            skm.precision_score(y, pred, average=avg, zero_division=0)
-        )
+        assert m["precision" + suffix] == pytest.approx(skm.precision_score(y, pred, average=avg, zero_division=0))
         assert m["recall" + suffix] == pytest.approx(skm.recall_score(y, pred, average=avg, zero_division=0))
         assert m["f1" + suffix] == pytest.approx(skm.f1_score(y, pred, average=avg, zero_division=0))
     assert m["f2"] == pytest.approx(skm.fbeta_score(y, pred, beta=2, average="weighted"))

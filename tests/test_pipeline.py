@@ -79,16 +79,40 @@ def test_demo_rerun_reuses_the_finished_run(demo_out):
 def tiny_run(fixture_dir, tmp_path_factory, cache_env):
     run = tmp_path_factory.mktemp("tiny") / "run"
     cfg = RunConfig()
-    cfg.override([f"data.path={fixture_dir / 'pneumonia'}", "data.image_size=64", "model.name=resnet18",
-                  "train.epochs=1", "train.batch_size=8", "train.device=cpu"])
+    cfg.override(
+        [
+            f"data.path={fixture_dir / 'pneumonia'}",
+            "data.image_size=64",
+            "model.name=resnet18",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.device=cpu",
+        ]
+    )
     train(cfg, run, progress=False)
     return run
 
 
 def test_cli_explain_writes_maps_grid_overlays_index(tiny_run, tmp_path):
     out = tmp_path / "cams"
-    r = _cli("explain", tiny_run, "--split", "val", "--methods", "gradcam,normgrad-conv3x3,eigencam",
-             "--target", "true", "--limit", "3", "--overlays", "2", "--out", out, "--device", "cpu")
+    r = _cli(
+        "explain",
+        tiny_run,
+        "--split",
+        "val",
+        "--methods",
+        "gradcam,normgrad-conv3x3,eigencam",
+        "--target",
+        "true",
+        "--limit",
+        "3",
+        "--overlays",
+        "2",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
     assert "explained 3 images" in r.stdout
     maps = np.load(out / "maps.npz")
     for m in ("gradcam", "normgrad-conv3x3", "eigencam"):
@@ -105,8 +129,24 @@ def test_cli_localize_nih_and_object_cxr_on_real_boxes(tiny_run, fixture_dir, tm
     box = fixture_dir / "cxr_bbox"
     for fmt, ann in (("nih", "BBox_List_256.csv"), ("object-cxr", "dev_objectcxr_format.csv")):
         out = tmp_path / fmt
-        r = _cli("localize", tiny_run, "--data", box / "images", "--annotations", box / ann, "--format", fmt,
-                 "--methods", "gradcam,normgrad-scaling", "--tolerance", "15", "--out", out, "--device", "cpu")
+        r = _cli(
+            "localize",
+            tiny_run,
+            "--data",
+            box / "images",
+            "--annotations",
+            box / ann,
+            "--format",
+            fmt,
+            "--methods",
+            "gradcam,normgrad-scaling",
+            "--tolerance",
+            "15",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        )
         assert "baseline:center" in r.stdout
         summary = json.loads((out / "localization_summary.json").read_text())
         assert summary["n_images"] == 16 and summary["n_annotated"] == 16
@@ -124,8 +164,22 @@ def test_cli_localize_nih_and_object_cxr_on_real_boxes(tiny_run, fixture_dir, tm
 def test_cli_localize_single_image_marks_peak_and_box(tiny_run, fixture_dir, tmp_path):
     box = fixture_dir / "cxr_bbox"
     img = box / "images" / "00009608_024.png"
-    r = _cli("localize", tiny_run, "--image", img, "--annotations", box / "dev_objectcxr_format.csv",
-             "--format", "object-cxr", "--methods", "gradcam", "--out", tmp_path, "--device", "cpu")
+    r = _cli(
+        "localize",
+        tiny_run,
+        "--image",
+        img,
+        "--annotations",
+        box / "dev_objectcxr_format.csv",
+        "--format",
+        "object-cxr",
+        "--methods",
+        "gradcam",
+        "--out",
+        tmp_path,
+        "--device",
+        "cpu",
+    )
     assert ("HIT" in r.stdout) or ("miss" in r.stdout)
     png = tmp_path / "00009608_024_gradcam.png"
     from PIL import Image
@@ -139,21 +193,54 @@ def test_cli_localize_bad_rows_error_or_skip(tiny_run, fixture_dir, tmp_path):
     src = (fixture_dir / "cxr_bbox" / "dev_objectcxr_format.csv").read_text().splitlines()
     bad = tmp_path / "dev.csv"
     bad.write_text("\n".join(src[:3] + ["00016606_000.png,2 10 10 20"] + src[4:]) + "\n")
-    args = ["localize", tiny_run, "--data", fixture_dir / "cxr_bbox" / "images", "--annotations", bad,
-            "--format", "object-cxr", "--out", tmp_path / "o", "--device", "cpu"]
+    args = [
+        "localize",
+        tiny_run,
+        "--data",
+        fixture_dir / "cxr_bbox" / "images",
+        "--annotations",
+        bad,
+        "--format",
+        "object-cxr",
+        "--out",
+        tmp_path / "o",
+        "--device",
+        "cpu",
+    ]
     r = _cli(*args, ok=False)
     assert r.returncode == 2 and "row 4" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _cli(*args, "--skip-bad")
     assert "1 malformed annotation row(s) skipped" in r.stdout
-    r = _cli("localize", tiny_run, "--data", fixture_dir / "cxr_bbox" / "images", "--annotations", bad,
-             "--format", "yolo", ok=False)
+    r = _cli(
+        "localize",
+        tiny_run,
+        "--data",
+        fixture_dir / "cxr_bbox" / "images",
+        "--annotations",
+        bad,
+        "--format",
+        "yolo",
+        ok=False,
+    )
     assert r.returncode == 2 and "--format" in r.stderr
 
 
 def test_plain_image_folder_explains_but_does_not_evaluate(tiny_run, fixture_dir, tmp_path):
     images = fixture_dir / "cxr_bbox" / "images"
-    r = _cli("explain", tiny_run, "--data", images, "--methods", "gradcam", "--overlays", "0", "--out", tmp_path,
-             "--device", "cpu")
+    r = _cli(
+        "explain",
+        tiny_run,
+        "--data",
+        images,
+        "--methods",
+        "gradcam",
+        "--overlays",
+        "0",
+        "--out",
+        tmp_path,
+        "--device",
+        "cpu",
+    )
     assert "explained 16 images" in r.stdout
     assert np.load(tmp_path / "maps.npz")["gradcam"].shape == (16, 64, 64)
     r = _cli("explain", tiny_run, "--data", images, "--target", "true", ok=False)

@@ -49,8 +49,10 @@ def test_plain_lines_at_least_every_30_seconds(clock):
             advance()
     lines = out.getvalue().splitlines()
     # a line after 40 s (30 s since the start had passed), then the closing line at 60 s
-    assert lines == ["decoding train: 2/1000 (0%) 0.05 it/s, elapsed 0:40, left 5:32:40",
-                     "decoding train: 3/1000 (0%) 0.05 it/s, elapsed 1:00, left 5:32:20"]
+    assert lines == [
+        "decoding train: 2/1000 (0%) 0.05 it/s, elapsed 0:40, left 5:32:40",
+        "decoding train: 3/1000 (0%) 0.05 it/s, elapsed 1:00, left 5:32:20",
+    ]
 
 
 def test_old_call_forms_still_work(clock):

@@ -19,8 +19,17 @@ from xraylens.train.loop import train
 
 
 def _cfg(data, **over) -> RunConfig:
-    return RunConfig().apply({"data.path": data, "model.name": "tinyvgg", "data.image_size": 32, "train.epochs": 1,
-                              "train.batch_size": 8, "train.device": "cpu", **over})
+    return RunConfig().apply(
+        {
+            "data.path": data,
+            "model.name": "tinyvgg",
+            "data.image_size": 32,
+            "train.epochs": 1,
+            "train.batch_size": 8,
+            "train.device": "cpu",
+            **over,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +45,9 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_unlabelled_images_have_no_true_class(pneu_run, fixture_dir, tmp_path):
-    s = explain_run(pneu_run, fixture_dir / "cxr_bbox" / "images", methods="gradcam", out=tmp_path, device="cpu",
-                    overlays=2, grid=4)
+    s = explain_run(
+        pneu_run, fixture_dir / "cxr_bbox" / "images", methods="gradcam", out=tmp_path, device="cpu", overlays=2, grid=4
+    )
     rows = _rows(s.index_path)
     assert len(rows) == 16 and all(r["true"] == "" for r in rows)
     assert {r["pred"] for r in rows} <= {"NORMAL", "PNEUMONIA"}
@@ -84,8 +94,9 @@ def test_every_option_has_help_and_a_default(fixture_dir):
                     continue
                 assert param.help, f"{name} {param.opts[0]} has no description"
                 if param.default is None and not param.required:
-                    assert "default" in param.help.lower() or "used like" in param.help, \
+                    assert "default" in param.help.lower() or "used like" in param.help, (
                         f"{name} {param.opts[0]}: say what happens when it is not given"
+                    )
 
 
 def test_demo_reuses_only_the_same_run_and_loads_its_model_once(tmp_path, fixture_dir, monkeypatch):

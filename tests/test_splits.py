@@ -61,8 +61,7 @@ def test_shipped_pneumonia_pattern_names_patients(fixture_dir):
     assert by_name["IM-0382-0001.jpeg"] == "IM-0382"
     # NORMAL2-IM-1258 contains "IM-1258": anchored at the start, it is its own patient
     assert by_name["NORMAL2-IM-1258-0001-0002.jpeg"] == "NORMAL2-IM-1258"
-    assert src.split_info["groups"] == {"pattern": pattern, "n_groups": 20, "unmatched": 0,
-                                        "examples_unmatched": []}
+    assert src.split_info["groups"] == {"pattern": pattern, "n_groups": 20, "unmatched": 0, "examples_unmatched": []}
 
 
 def test_shipped_pneumonia_pattern_covers_the_real_training_set(shared_data):
@@ -88,8 +87,7 @@ def test_shipped_pneumonia_pattern_covers_the_real_training_set(shared_data):
 def test_grouped_split_keeps_patients_whole_on_real_names(fixture_dir, seed):
     # a coarser pattern on the real fixture names gives groups of several images: person1* (4 files),
     # NORMAL2 (5), IM (5), ...
-    src = load_source(fixture_dir / "pneumonia", group_pattern=r"^(person\d|NORMAL2|IM)", val_fraction=0.3,
-                      seed=seed)
+    src = load_source(fixture_dir / "pneumonia", group_pattern=r"^(person\d|NORMAL2|IM)", val_fraction=0.3, seed=seed)
     assert src.split_info["groups"]["n_groups"] == 8
     where = _splits_of_groups(src)
     assert len(where) == 8 and all(len(s) == 1 for s in where.values())
@@ -99,8 +97,7 @@ def test_grouped_split_keeps_patients_whole_on_real_names(fixture_dir, seed):
     assert {r.label for r in src.split("val")} == {0, 1} and {r.label for r in src.split("train")} == {0, 1}
     assert src.split_info["val"]["n"] == len(src.split("val"))
     assert src.split_info["val"]["n_groups"] == len({r.group for r in src.split("val")})
-    again = load_source(fixture_dir / "pneumonia", group_pattern=r"^(person\d|NORMAL2|IM)", val_fraction=0.3,
-                        seed=seed)
+    again = load_source(fixture_dir / "pneumonia", group_pattern=r"^(person\d|NORMAL2|IM)", val_fraction=0.3, seed=seed)
     assert [r.id for r in again.split("val")] == [r.id for r in src.split("val")]
 
 
@@ -143,8 +140,10 @@ def test_given_splits_report_leaked_groups(tmp_path, fixture_dir, caplog):
     with caplog.at_level("WARNING", logger="xraylens.data"):
         src = load_source(path, group_column="patient_id")
     assert "val" not in src.split_info  # given splits: nothing carved
-    assert src.split_info["leaked_groups"] == {"n": 3, "groups": {"both": ["train", "val"], "p0-0": ["train", "test"],
-                                                                  "p3-1": ["train", "test"]}}
+    assert src.split_info["leaked_groups"] == {
+        "n": 3,
+        "groups": {"both": ["train", "val"], "p0-0": ["train", "test"], "p3-1": ["train", "test"]},
+    }
     leak_warnings = [r for r in caplog.records if "more than one split" in r.message]
     assert len(leak_warnings) == 1 and "3 group(s)" in leak_warnings[0].message
     # without grouping there is nothing to report
@@ -164,8 +163,9 @@ def test_leaked_groups_in_split_folders_are_capped_but_counted(tmp_path):
     assert all(s[-1] == "test" and len(s) == 2 for s in leaked["groups"].values())
     assert src.split_info["groups"]["unmatched"] == 60
     # the carved val split (from train) never shares a group with train
-    assert all(r.split != "val" or r.group is None or r.group not in {q.group for q in src.split("train")}
-               for r in src.records)
+    assert all(
+        r.split != "val" or r.group is None or r.group not in {q.group for q in src.split("train")} for r in src.records
+    )
 
 
 def test_group_option_errors(tmp_path, fixture_dir):
@@ -179,8 +179,11 @@ def test_group_option_errors(tmp_path, fixture_dir):
     with pytest.raises(XraylensError, match=r"group_pattern '\^zzz' gives no group to any of the 20 images"):
         load_source(fixture_dir / "pneumonia", group_pattern="^zzz")
     path = _knee_manifest(tmp_path, fixture_dir)
-    with pytest.raises(XraylensError, match=r"group_column 'subject' is not a column of manifest .*"
-                                            "path, label, patient_id, age"):
+    with pytest.raises(
+        XraylensError,
+        match=r"group_column 'subject' is not a column of manifest .*"
+        "path, label, patient_id, age",
+    ):
         load_source(path, group_column="subject")
     with pytest.raises(XraylensError, match="group_column 'label' is not a column"):
         load_source(path, group_column="label")  # the label itself is no grouping
@@ -212,8 +215,15 @@ def test_load_data_reports_groups(fixture_dir, tmp_path):
     from xraylens.train.loop import load_data
 
     cfg = RunConfig()
-    cfg.override([f"data.path={fixture_dir / 'pneumonia'}", "data.image_size=16", f"data.cache_dir={tmp_path}",
-                  "data.val_fraction=0.3", "data.group_pattern=^(person\\d|NORMAL2|IM)"])
+    cfg.override(
+        [
+            f"data.path={fixture_dir / 'pneumonia'}",
+            "data.image_size=16",
+            f"data.cache_dir={tmp_path}",
+            "data.val_fraction=0.3",
+            "data.group_pattern=^(person\\d|NORMAL2|IM)",
+        ]
+    )
     source, train, val, report = load_data(cfg)
     assert report["groups"]["n_groups"] == 8 and report["leaked_groups"] == {"n": 0, "groups": {}}
     assert report["splits"]["train"]["n_groups"] + report["splits"]["val"]["n_groups"] == 8
@@ -231,8 +241,9 @@ def test_splits_csv_round_trip_and_reuse(tmp_path, fixture_dir):
     lonely = sorted((fixture_dir / "knee_kl" / "0").iterdir())[3].as_posix()
     assert by_image[lonely][1:] == ["0", ""]  # the label as its class name; no group: an empty cell
     back = read_splits_csv(out)
-    assert {i: (s.split, s.label, s.group) for i, s in back.items()} == \
-        {r.id: (r.split, src.classes[r.label], r.group) for r in src.records}
+    assert {i: (s.split, s.label, s.group) for i, s in back.items()} == {
+        r.id: (r.split, src.classes[r.label], r.group) for r in src.records
+    }
     # another seed gives another split; applying the file restores the recorded one
     other = load_source(path, group_column="patient_id", val_fraction=0.25, seed=2)
     assert [r.id for r in other.split("val")] != [r.id for r in src.split("val")]

@@ -18,14 +18,38 @@ from xraylens.runs import open_run as load_run
 from xraylens.runs import read_checkpoint as load_checkpoint
 from xraylens.train.loop import _SimulatedCrash, train
 
-ALL_METRICS = ["accuracy", "precision", "recall", "f1", "precision_macro",
-               "recall_macro", "f1_macro", "f05", "f2", "qwk", "auc", "loss", "confusion_matrix", "per_class"]
+ALL_METRICS = [
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "f05",
+    "f2",
+    "qwk",
+    "auc",
+    "loss",
+    "confusion_matrix",
+    "per_class",
+]
 
 
 def _cfg(data, **over) -> RunConfig:
     cfg = RunConfig()
-    cfg.override([f"data.path={data}", "data.image_size=32", "model.name=tinyvgg", "train.epochs=2",
-                  "train.batch_size=8", "train.lr=1e-3", "train.device=cpu", "data.augment=flip,affine,jitter"])
+    cfg.override(
+        [
+            f"data.path={data}",
+            "data.image_size=32",
+            "model.name=tinyvgg",
+            "train.epochs=2",
+            "train.batch_size=8",
+            "train.lr=1e-3",
+            "train.device=cpu",
+            "data.augment=flip,affine,jitter",
+        ]
+    )
     cfg.override([f"{k}={v}" for k, v in over.items()])
     return cfg
 
@@ -37,10 +61,15 @@ def _history(run):
 
 def test_train_then_evaluate_multiclass(fixture_dir, tmp_path):
     run = tmp_path / "knee"
-    res = train(_cfg(fixture_dir / "knee_kl", **{"train.loss": "focal", "train.select": "qwk"}), run,
-                progress=False)
-    for f in ["config.yaml", "checkpoints/best.pt", "checkpoints/last.pt", "history.csv", "metrics.json",
-              "data_report.json"]:
+    res = train(_cfg(fixture_dir / "knee_kl", **{"train.loss": "focal", "train.select": "qwk"}), run, progress=False)
+    for f in [
+        "config.yaml",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "history.csv",
+        "metrics.json",
+        "data_report.json",
+    ]:
         assert (run / f).is_file(), f
     assert list((run / "tb").glob("events.out.tfevents.*")), "no TensorBoard events"
     assert [int(r["epoch"]) for r in _history(run)] == [1, 2]
@@ -128,9 +157,31 @@ def test_predict_files_and_bad_file(fixture_dir, tmp_path):
 def test_cli_train_evaluate_predict_and_errors(fixture_dir, tmp_path):
     run = tmp_path / "cli"
     py = [sys.executable, "-m", "xraylens"]
-    r = subprocess.run(py + ["train", "--data", str(fixture_dir / "pneumonia"), "--model", "tinyvgg", "--loss", "ce",
-                             "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--device", "cpu",
-                             "--out", str(run), "--quiet"], capture_output=True, text=True)
+    r = subprocess.run(
+        py
+        + [
+            "train",
+            "--data",
+            str(fixture_dir / "pneumonia"),
+            "--model",
+            "tinyvgg",
+            "--loss",
+            "ce",
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(run),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     r = subprocess.run(py + ["evaluate", str(run), "--split", "val"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -139,11 +190,15 @@ def test_cli_train_evaluate_predict_and_errors(fixture_dir, tmp_path):
     r = subprocess.run(py + ["train", "--out", str(run), "--resume", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert len(_history(run)) == 1
-    r = subprocess.run(py + ["train", "--out", str(run), "--resume", "--lr", "0.1", "--image-size", "64"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        py + ["train", "--out", str(run), "--resume", "--lr", "0.1", "--image-size", "64"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--lr" in r.stderr and "--image-size" in r.stderr, r.stderr
-    r = subprocess.run(py + ["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        py + ["train", "--out", str(run), "--resume", "--epochs", "2", "--quiet"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     hist = _history(run)
     assert [int(h["epoch"]) for h in hist] == [1, 2]
@@ -153,9 +208,11 @@ def test_cli_train_evaluate_predict_and_errors(fixture_dir, tmp_path):
     r = subprocess.run(py + ["predict", str(run), str(img)], capture_output=True, text=True)
     assert r.returncode == 0 and ("NORMAL" in r.stdout or "PNEUMONIA" in r.stdout)
     # user mistakes: one line on stderr, exit code 2, no traceback
-    for args in (["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
-                 ["evaluate", str(tmp_path / "no-run")],
-                 ["train", "--data", str(fixture_dir / "pneumonia"), "--model", "nonet", "--out", str(tmp_path / "y")]):
+    for args in (
+        ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+        ["evaluate", str(tmp_path / "no-run")],
+        ["train", "--data", str(fixture_dir / "pneumonia"), "--model", "nonet", "--out", str(tmp_path / "y")],
+    ):
         r = subprocess.run(py + args, capture_output=True, text=True)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
@@ -232,8 +289,12 @@ def test_config_mistakes_fail_before_any_decoding(fixture_dir, tmp_path, monkeyp
         raise AssertionError("data was loaded before the config was checked")
 
     monkeypatch.setattr(cache, "prepare_image", no_decoding)
-    for over, words in (({"model.name": "nonet"}, "unknown model"), ({"train.loss": "dice"}, "unknown loss"),
-                        ({"train.optimizer": "lion"}, "unknown optimizer"), ({"train.schedule": "poly"}, "schedule"),
-                        ({"train.select": "f1 ** 2"}, "selector")):
+    for over, words in (
+        ({"model.name": "nonet"}, "unknown model"),
+        ({"train.loss": "dice"}, "unknown loss"),
+        ({"train.optimizer": "lion"}, "unknown optimizer"),
+        ({"train.schedule": "poly"}, "schedule"),
+        ({"train.select": "f1 ** 2"}, "selector"),
+    ):
         with pytest.raises(XraylensError, match=words):
             train(_cfg(fixture_dir / "pneumonia", **over), tmp_path / "x", progress=False)

@@ -25,15 +25,22 @@ app = typer.Typer(
 )
 
 RunArg = Annotated[Path, typer.Argument(help="Run directory written by `xraylens train` (or a .pt checkpoint).")]
-DataOpt = Annotated[Path | None, typer.Option("--data", help="Dataset: folder splits, CSV manifest or .npz. "
-                                              "Default: the data the run was trained on.")]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data", help="Dataset: folder splits, CSV manifest or .npz. Default: the data the run was trained on."
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 # the list of names is filled in from the methods table when --help is asked for (see main)
 MethodsOpt = Annotated[str, typer.Option("--methods", help="Comma list of CAM methods.")]
-LayersOpt = Annotated[str | None, typer.Option("--layers", help="Comma list of module names "
-                                               "(default: the model's CAM layers).")]
-CombineOpt = Annotated[str | None, typer.Option("--combine", help="mean, max or product over layers "
-                                                "(default: product for NormGrad, mean otherwise).")]
+LayersOpt = Annotated[
+    str | None, typer.Option("--layers", help="Comma list of module names (default: the model's CAM layers).")
+]
+CombineOpt = Annotated[
+    str | None,
+    typer.Option("--combine", help="mean, max or product over layers (default: product for NormGrad, mean otherwise)."),
+]
 TargetOpt = Annotated[str, typer.Option("--target", help="pred, true, or a class name/index.")]
 
 
@@ -46,59 +53,124 @@ _D = RunConfig()  # defaults shown in --help come from the config itself, so the
 
 @app.command()
 def train(
-    data: Annotated[Path | None, typer.Option("--data", help="Dataset: folder splits, class folders, CSV "
-                                              "manifest (path,label[,split]) or MedMNIST .npz (default: the --config's data.path).")] = None,
-    model: Annotated[str | None, typer.Option("--model", help=f"Model name, see `xraylens models` "
-                                              f"(default {_D.model.name}).")] = None,
-    loss: Annotated[str | None, typer.Option("--loss", help="ce, ce-weighted, focal, focal-seed or bce "
-                                             f"(default {_D.train.loss}).")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs; with --resume, the new "
-                                               f"total (default {_D.train.epochs}).")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Side of the square model input, "
-                                                   f"pixels (default {_D.data.image_size}).")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Dataset: folder splits, class folders, CSV "
+            "manifest (path,label[,split]) or MedMNIST .npz (default: the --config's data.path).",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help=f"Model name, see `xraylens models` (default {_D.model.name}).")
+    ] = None,
+    loss: Annotated[
+        str | None, typer.Option("--loss", help=f"ce, ce-weighted, focal, focal-seed or bce (default {_D.train.loss}).")
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", help=f"Training epochs; with --resume, the new total (default {_D.train.epochs})."),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option("--image-size", help=f"Side of the square model input, pixels (default {_D.data.image_size})."),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")] = Path("runs/run"),
-    config: Annotated[Path | None, typer.Option("--config", help="YAML config (sections data, model, train); "
-                                                "options given here override it (default: built-in defaults).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per optimiser step "
-                                                   f"(default {_D.train.batch_size}).")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="YAML config (sections data, model, train); "
+            "options given here override it (default: built-in defaults).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help=f"Images per optimiser step (default {_D.train.batch_size}).")
+    ] = None,
     lr: Annotated[float | None, typer.Option("--lr", help=f"Learning rate (default {_D.train.lr:g}).")] = None,
-    optimizer: Annotated[str | None, typer.Option("--optimizer", help="adam, adamw, sgd or radam "
-                                                  f"(default {_D.train.optimizer}).")] = None,
-    schedule: Annotated[str | None, typer.Option("--schedule", help="Learning-rate schedule: cosine, step or "
-                                                 f"none (default {_D.train.schedule}).")] = None,
-    select: Annotated[str | None, typer.Option("--select", help="Best-epoch metric or expression on the "
-                                               "validation metrics, e.g. qwk or '1.5*f2+accuracy' "
-                                               f"(default {_D.train.select}).")] = None,
-    early_stopping: Annotated[int | None, typer.Option("--early-stopping", help="Stop after this many epochs "
-                                                       "without improvement (default: off).")] = None,
-    augment: Annotated[str | None, typer.Option("--augment", help="Comma list of flip, affine, jitter, elastic, "
-                                                f"or none (default {_D.data.augment}).")] = None,
-    balanced: Annotated[bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampling "
-                                                  "(default: off).")] = None,
-    center_crop: Annotated[float | None, typer.Option("--center-crop", help="Keep this central fraction of each "
-                                                      "side before resizing "
-                                                      f"(default {_D.data.center_crop:g}).")] = None,
-    in_chans: Annotated[int | None, typer.Option("--in-chans", help="Input channels: 1 (grey) or 3 "
-                                                 f"(default {_D.model.in_chans}).")] = None,
-    weights: Annotated[str | None, typer.Option("--weights", help="Local pretrained state dict (.pth/.safetensors); "
-                                                "'hub' downloads (needs internet). Default: random init.")] = None,
-    head_hidden: Annotated[str | None, typer.Option("--head-hidden", help="Extra FC head sizes, e.g. 256,64 "
-                                                    "(default: none).")] = None,
-    train_last: Annotated[int | None, typer.Option("--train-last", help="Train only the last N backbone stages "
-                                                   "and the head (default: all).")] = None,
-    group_pattern: Annotated[str | None, typer.Option("--group-pattern", help="Regex on the file name giving the "
-                                                      "patient, e.g. 'person(\\d+)': the automatic val split keeps "
-                                                      "each patient's images together (default: per image).")] = None,
-    group_column: Annotated[str | None, typer.Option("--group-column", help="Manifest column naming the patient, "
-                                                     "used like --group-pattern (default: none).")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N "
-                                               f"(default {_D.train.device}).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of weights, data order and augmentation "
-                                             f"(default {_D.train.seed}).")] = None,
-    set_: Annotated[list[str] | None,
-                    typer.Option("--set", help="Any setting, e.g. --set train.weight_decay=0 (repeatable; default: none).")] = None,
-    resume: Annotated[bool,
-                      typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")] = False,
+    optimizer: Annotated[
+        str | None, typer.Option("--optimizer", help=f"adam, adamw, sgd or radam (default {_D.train.optimizer}).")
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option("--schedule", help=f"Learning-rate schedule: cosine, step or none (default {_D.train.schedule})."),
+    ] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(
+            "--select",
+            help="Best-epoch metric or expression on the "
+            "validation metrics, e.g. qwk or '1.5*f2+accuracy' "
+            f"(default {_D.train.select}).",
+        ),
+    ] = None,
+    early_stopping: Annotated[
+        int | None,
+        typer.Option("--early-stopping", help="Stop after this many epochs without improvement (default: off)."),
+    ] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            "--augment", help=f"Comma list of flip, affine, jitter, elastic, or none (default {_D.data.augment})."
+        ),
+    ] = None,
+    balanced: Annotated[
+        bool | None, typer.Option("--balanced/--no-balanced", help="Class-balanced sampling (default: off).")
+    ] = None,
+    center_crop: Annotated[
+        float | None,
+        typer.Option(
+            "--center-crop",
+            help=f"Keep this central fraction of each side before resizing (default {_D.data.center_crop:g}).",
+        ),
+    ] = None,
+    in_chans: Annotated[
+        int | None, typer.Option("--in-chans", help=f"Input channels: 1 (grey) or 3 (default {_D.model.in_chans}).")
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            help="Local pretrained state dict (.pth/.safetensors); "
+            "'hub' downloads (needs internet). Default: random init.",
+        ),
+    ] = None,
+    head_hidden: Annotated[
+        str | None, typer.Option("--head-hidden", help="Extra FC head sizes, e.g. 256,64 (default: none).")
+    ] = None,
+    train_last: Annotated[
+        int | None,
+        typer.Option("--train-last", help="Train only the last N backbone stages and the head (default: all)."),
+    ] = None,
+    group_pattern: Annotated[
+        str | None,
+        typer.Option(
+            "--group-pattern",
+            help="Regex on the file name giving the "
+            "patient, e.g. 'person(\\d+)': the automatic val split keeps "
+            "each patient's images together (default: per image).",
+        ),
+    ] = None,
+    group_column: Annotated[
+        str | None,
+        typer.Option(
+            "--group-column", help="Manifest column naming the patient, used like --group-pattern (default: none)."
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help=f"auto, cpu, cuda or cuda:N (default {_D.train.device}).")
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help=f"Seed of weights, data order and augmentation (default {_D.train.seed})."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any setting, e.g. --set train.weight_decay=0 (repeatable; default: none)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from checkpoints/last.pt.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
 ) -> None:
     """Train a classifier and write a run directory (config.yaml, checkpoints/, history.csv, metrics.json,
@@ -107,18 +179,35 @@ def train(
     from xraylens.train.loop import train as run_train
 
     flags = {
-        "data.path": data, "model.name": model, "train.loss": loss, "train.epochs": epochs,
-        "data.image_size": image_size, "train.batch_size": batch_size, "train.lr": lr,
-        "train.optimizer": optimizer, "train.schedule": schedule, "train.select": select,
-        "train.early_stopping": early_stopping, "data.augment": augment, "data.balanced": balanced,
-        "data.center_crop": center_crop, "model.in_chans": in_chans, "model.weights": weights,
-        "model.head_hidden": head_hidden, "model.train_last": train_last, "data.group_pattern": group_pattern,
-        "data.group_column": group_column, "train.device": device, "train.seed": seed,
+        "data.path": data,
+        "model.name": model,
+        "train.loss": loss,
+        "train.epochs": epochs,
+        "data.image_size": image_size,
+        "train.batch_size": batch_size,
+        "train.lr": lr,
+        "train.optimizer": optimizer,
+        "train.schedule": schedule,
+        "train.select": select,
+        "train.early_stopping": early_stopping,
+        "data.augment": augment,
+        "data.balanced": balanced,
+        "data.center_crop": center_crop,
+        "model.in_chans": in_chans,
+        "model.weights": weights,
+        "model.head_hidden": head_hidden,
+        "model.train_last": train_last,
+        "data.group_pattern": group_pattern,
+        "data.group_column": group_column,
+        "train.device": device,
+        "train.seed": seed,
     }
     if resume:
         if config or set_:
-            raise XraylensError(f"--resume continues {out} with its saved config; drop "
-                                f"{' and '.join(n for n, v in (('--config', config), ('--set', set_)) if v)}")
+            raise XraylensError(
+                f"--resume continues {out} with its saved config; drop "
+                f"{' and '.join(n for n, v in (('--config', config), ('--set', set_)) if v)}"
+            )
         cfg = resume_config(out, flags)
     else:
         cfg = (RunConfig.load(config) if config else RunConfig()).apply(flags).override(list(set_ or []))
@@ -139,8 +228,20 @@ def evaluate(
     from xraylens.evaluate.run import confusion_text, evaluate_run
 
     m = evaluate_run(run, data, split, which=checkpoint, device=device, out=out)
-    keys = ["accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "f1_macro", "f05", "f2", "qwk",
-            "auc", "sensitivity", "specificity", "loss"]
+    keys = [
+        "accuracy",
+        "precision_weighted",
+        "recall_weighted",
+        "f1_weighted",
+        "f1_macro",
+        "f05",
+        "f2",
+        "qwk",
+        "auc",
+        "sensitivity",
+        "specificity",
+        "loss",
+    ]
     typer.echo(f"{split}: {m['n_images']} images" + (f", {len(m['skipped'])} skipped" if m["skipped"] else ""))
     for k in keys:
         if m.get(k) is not None:
@@ -185,7 +286,9 @@ def explain(
     target: TargetOpt = "pred",
     score: Annotated[str, typer.Option("--score", help="Back-propagate the target's logit or prob.")] = "logit",
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: RUN/cams).")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Explain N images spread over the split (default: all).")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Explain N images spread over the split (default: all).")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per engine pass.")] = 16,
     overlays: Annotated[int, typer.Option("--overlays", help="Write side-by-side PNGs for the first N images.")] = 16,
     grid: Annotated[int, typer.Option("--grid", help="Tiles in each grid_<method>.png.")] = 36,
@@ -195,9 +298,23 @@ def explain(
     """Write CAMs of a split: maps.npz, index.csv, grid_<method>.png and overlays/."""
     from xraylens.explain.run import explain_run
 
-    s = explain_run(run, data, split, methods=methods, layers=_methods(layers) if layers else None, combine=combine,
-                    target=target, score=score, out=out, device=device, limit=limit, batch_size=batch_size,
-                    overlays=overlays, grid=grid, blank_wrong=blank_wrong)
+    s = explain_run(
+        run,
+        data,
+        split,
+        methods=methods,
+        layers=_methods(layers) if layers else None,
+        combine=combine,
+        target=target,
+        score=score,
+        out=out,
+        device=device,
+        limit=limit,
+        batch_size=batch_size,
+        overlays=overlays,
+        grid=grid,
+        blank_wrong=blank_wrong,
+    )
     typer.echo(f"explained {s.n_images} images with {', '.join(s.methods)} -> {s.out}")
     for m, n in s.constant.items():
         if n:
@@ -207,14 +324,26 @@ def explain(
 @app.command()
 def localize(
     run: RunArg,
-    annotations: Annotated[Path, typer.Option("--annotations", help="object-CXR dev.csv, NIH BBox_List csv, "
-                                              "COCO json, or a folder of binary masks.")],
+    annotations: Annotated[
+        Path,
+        typer.Option(
+            "--annotations", help="object-CXR dev.csv, NIH BBox_List csv, COCO json, or a folder of binary masks."
+        ),
+    ],
     fmt: Annotated[str, typer.Option("--format", help="object-cxr, nih, coco or masks.")],
-    data: Annotated[Path | None, typer.Option("--data", help="Dataset (class folders) or a plain folder of "
-                                              "images. Default: the run's data.")] = None,
-    image: Annotated[Path | None, typer.Option("--image", help="Single-image mode: print the result and "
-                                               "write an overlay with the annotation and peak marked (default: the "
-                                               "whole split).")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Dataset (class folders) or a plain folder of images. Default: the run's data."),
+    ] = None,
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            "--image",
+            help="Single-image mode: print the result and "
+            "write an overlay with the annotation and peak marked (default: the "
+            "whole split).",
+        ),
+    ] = None,
     split: Annotated[str, typer.Option("--split", help="Split of --data (ignored for a plain folder).")] = "test",
     methods: MethodsOpt = "gradcam",
     layers: LayersOpt = None,
@@ -223,13 +352,21 @@ def localize(
     tolerance: Annotated[float, typer.Option("--tolerance", help="Pointing-game tolerance, original pixels.")] = 15.0,
     smooth: Annotated[float, typer.Option("--smooth", help="Gaussian sigma (input pixels) before the peak.")] = 0.0,
     percentile: Annotated[float, typer.Option("--percentile", help="IoU of the map above this percentile.")] = 90.0,
-    label: Annotated[str | None, typer.Option("--label", help="Only shapes of this finding label (default: all).")] = None,
+    label: Annotated[
+        str | None, typer.Option("--label", help="Only shapes of this finding label (default: all).")
+    ] = None,
     faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Also deletion/insertion AUC.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed annotation rows (counted).")] = False,
-    annotation_size: Annotated[str | None, typer.Option("--annotation-size", help="W,H (or one number) of the "
-                                                        "images the coordinates were drawn on, when the files "
-                                                        "were resized since. COCO sizes are read from the "
-                                                        "file. Default: the files' own size.")] = None,
+    annotation_size: Annotated[
+        str | None,
+        typer.Option(
+            "--annotation-size",
+            help="W,H (or one number) of the "
+            "images the coordinates were drawn on, when the files "
+            "were resized since. COCO sizes are read from the "
+            "file. Default: the files' own size.",
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per engine pass.")] = 16,
     device: DeviceOpt = "auto",
@@ -240,21 +377,55 @@ def localize(
     lay = _methods(layers) if layers else None
     ref = parse_size(annotation_size) if annotation_size else None
     if image is not None:
-        for r in localize_image(run, image, annotations=annotations, fmt=fmt, methods=methods, layers=lay,
-                                combine=combine, target=target, tolerance=tolerance, smooth=smooth, label=label,
-                                out=out, device=device, ref_size=ref):
+        for r in localize_image(
+            run,
+            image,
+            annotations=annotations,
+            fmt=fmt,
+            methods=methods,
+            layers=lay,
+            combine=combine,
+            target=target,
+            tolerance=tolerance,
+            smooth=smooth,
+            label=label,
+            out=out,
+            device=device,
+            ref_size=ref,
+        ):
             verdict = "skipped (no annotation)" if r["skipped"] else ("HIT" if r["hit"] else "miss")
             verdict += " (constant map: no peak)" if r["constant"] else ""
-            typer.echo(f"{r['method']:<20} {verdict:<8} peak (x, y) = {tuple(r['peak_xy'])}, "
-                       f"distance {r['distance']:.1f} px, target {r['target']} ({r['probability']:.3f}) "
-                       f"-> {r['overlay']}")
+            typer.echo(
+                f"{r['method']:<20} {verdict:<8} peak (x, y) = {tuple(r['peak_xy'])}, "
+                f"distance {r['distance']:.1f} px, target {r['target']} ({r['probability']:.3f}) "
+                f"-> {r['overlay']}"
+            )
         return
-    s = localize_run(run, annotations=annotations, fmt=fmt, data=data, split=split, methods=methods, layers=lay,
-                     combine=combine, target=target, tolerance=tolerance, smooth=smooth, percentile=percentile,
-                     label=label, faithfulness=faithfulness, skip_bad=skip_bad, out=out, device=device,
-                     batch_size=batch_size, ref_size=ref)
-    typer.echo(f"{s.n_images} annotated-file images, {s.n_annotated} with shapes; pointing game "
-               f"(tolerance {s.tolerance:g} px):")
+    s = localize_run(
+        run,
+        annotations=annotations,
+        fmt=fmt,
+        data=data,
+        split=split,
+        methods=methods,
+        layers=lay,
+        combine=combine,
+        target=target,
+        tolerance=tolerance,
+        smooth=smooth,
+        percentile=percentile,
+        label=label,
+        faithfulness=faithfulness,
+        skip_bad=skip_bad,
+        out=out,
+        device=device,
+        batch_size=batch_size,
+        ref_size=ref,
+    )
+    typer.echo(
+        f"{s.n_images} annotated-file images, {s.n_annotated} with shapes; pointing game "
+        f"(tolerance {s.tolerance:g} px):"
+    )
     for m, acc in s.overall.items():
         typer.echo(f"  {m:<20} {acc:.3f}")
     if s.skipped_rows:
@@ -275,12 +446,22 @@ def models() -> None:
 
 @app.command()
 def demo(
-    data: Annotated[Path | None, typer.Option("--data", help="Run the same job on a real folder of class folders instead (default: phantoms).")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Run the same job on a real folder of class folders instead (default: phantoms)."),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Where the phantom data and the run go.")] = Path("runs/demo"),
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs (default 20 on phantoms, "
-                                               "5 on --data).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Train anew when --out holds a demo run made with other "
-                                        "data or settings (default: stop and say what changed).")] = False,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Training epochs (default 20 on phantoms, 5 on --data).")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Train anew when --out holds a demo run made with other "
+            "data or settings (default: stop and say what changed).",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
 ) -> None:
@@ -304,11 +485,19 @@ def _describe_methods(command) -> None:
                 p.help = f"Comma list of CAM methods: {methods_help()}."
 
 
-cache_app = typer.Typer(no_args_is_help=True, help="List or clear the decoded-image cache ($XRAYLENS_CACHE, "
-                        "default ~/.cache/xraylens; size limit $XRAYLENS_CACHE_MAX, default 20G).")
+cache_app = typer.Typer(
+    no_args_is_help=True,
+    help="List or clear the decoded-image cache ($XRAYLENS_CACHE, "
+    "default ~/.cache/xraylens; size limit $XRAYLENS_CACHE_MAX, default 20G).",
+)
 app.add_typer(cache_app, name="cache")
-CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Cache folder (default: $XRAYLENS_CACHE, "
-                                                  "else ~/.cache/xraylens; a config's data.cache_dir).")]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="Cache folder (default: $XRAYLENS_CACHE, else ~/.cache/xraylens; a config's data.cache_dir).",
+    ),
+]
 
 
 @cache_app.command("list")
@@ -322,8 +511,10 @@ def cache_list(cache_dir: CacheDirOpt = None) -> None:
 @cache_app.command("clear")
 def cache_clear(
     cache_dir: CacheDirOpt = None,
-    older_than: Annotated[str | None, typer.Option("--older-than", help="Only entries unused this long, "
-                                                   "e.g. 7d, 12h or 30m (default: every entry).")] = None,
+    older_than: Annotated[
+        str | None,
+        typer.Option("--older-than", help="Only entries unused this long, e.g. 7d, 12h or 30m (default: every entry)."),
+    ] = None,
 ) -> None:
     """Delete cache entries; they are decoded again when next needed. Live writers are left alone."""
     from xraylens.data.cache import cache_root, clear_cache, format_bytes, parse_age
@@ -349,8 +540,11 @@ def main(argv: list[str] | None = None) -> None:
         if not message:  # no arguments: click has printed the help already
             sys.exit(getattr(e, "exit_code", 2))
         ctx = getattr(e, "ctx", None)
-        where = f"xraylens {ctx.command_path.split(' ', 1)[1]} --help" if ctx and " " in ctx.command_path \
+        where = (
+            f"xraylens {ctx.command_path.split(' ', 1)[1]} --help"
+            if ctx and " " in ctx.command_path
             else "xraylens --help"
+        )
         typer.echo(f"error: {message} (see {where})", err=True)
         sys.exit(getattr(e, "exit_code", 2))
     except XraylensError as e:

@@ -121,8 +121,10 @@ class RunConfig:
         section, _, name = key.partition(".")
         sec = getattr(self, section, None)
         if not name or sec is None or not dataclasses.is_dataclass(sec):
-            raise XraylensError(f"setting {key!r}: unknown section {section!r}; use section.key with section "
-                                "data, model or train, e.g. train.lr")
+            raise XraylensError(
+                f"setting {key!r}: unknown section {section!r}; use section.key with section "
+                "data, model or train, e.g. train.lr"
+            )
         setattr(sec, name, _coerce(type(sec), name, value, section))
         return self
 
@@ -162,15 +164,19 @@ class RunConfig:
         if self.model.in_chans not in (1, 3):
             raise XraylensError(f"{flag_name('model.in_chans')} must be 1 (grey) or 3 (RGB), got {self.model.in_chans}")
         if any(h < 1 for h in self.model.head_hidden):
-            raise XraylensError(f"{flag_name('model.head_hidden')} sizes must be at least 1, "
-                                f"got {self.model.head_hidden}")
+            raise XraylensError(
+                f"{flag_name('model.head_hidden')} sizes must be at least 1, got {self.model.head_hidden}"
+            )
         for key, (lo, lo_incl, hi, hi_incl, what) in LIMITS.items():
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)
             if value is None:
                 continue
-            bad = not math.isfinite(value) or (lo is not None and (value < lo or (value == lo and not lo_incl))) \
+            bad = (
+                not math.isfinite(value)
+                or (lo is not None and (value < lo or (value == lo and not lo_incl)))
                 or (hi is not None and (value > hi or (value == hi and not hi_incl)))
+            )
             if bad:
                 raise XraylensError(f"{flag_name(key)} must be {what}, got {value}")
 

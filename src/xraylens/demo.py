@@ -22,21 +22,23 @@ DEMO_TOLERANCE = 0.0
 
 
 def demo_config(data: Path, epochs: int | None, phantom: bool, device: str = "auto") -> RunConfig:
-    return RunConfig().apply({
-        "data.path": data,
-        # a small BatchNorm CNN whose CAM layer keeps 1/4 of the input resolution: it learns the
-        # phantom in a few CPU epochs and its maps are sharp enough to point inside small boxes
-        "model.name": "tinyvgg_bn",
-        "data.image_size": 96 if phantom else 128,
-        "train.epochs": epochs if epochs is not None else (20 if phantom else 5),
-        "train.batch_size": 16,
-        "train.lr": 1e-3,
-        "train.schedule": "cosine",
-        "train.select": "accuracy",
-        # the phantom's boxes are left/right specific only through the lung they sit in: flips are safe
-        "data.augment": "flip,jitter",
-        "train.device": device,
-    })
+    return RunConfig().apply(
+        {
+            "data.path": data,
+            # a small BatchNorm CNN whose CAM layer keeps 1/4 of the input resolution: it learns the
+            # phantom in a few CPU epochs and its maps are sharp enough to point inside small boxes
+            "model.name": "tinyvgg_bn",
+            "data.image_size": 96 if phantom else 128,
+            "train.epochs": epochs if epochs is not None else (20 if phantom else 5),
+            "train.batch_size": 16,
+            "train.lr": 1e-3,
+            "train.schedule": "cosine",
+            "train.select": "accuracy",
+            # the phantom's boxes are left/right specific only through the lung they sit in: flips are safe
+            "data.augment": "flip,jitter",
+            "train.device": device,
+        }
+    )
 
 
 def _train_or_reuse(cfg: RunConfig, run_dir: Path, force: bool, progress: bool) -> None:
@@ -54,14 +56,22 @@ def _train_or_reuse(cfg: RunConfig, run_dir: Path, force: bool, progress: bool) 
             return
         if not force:
             what = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise XraylensError(f"{run_dir} holds a demo run made with other settings ({what}); pass --force to "
-                                "train it anew or choose another --out")
+            raise XraylensError(
+                f"{run_dir} holds a demo run made with other settings ({what}); pass --force to "
+                "train it anew or choose another --out"
+            )
         shutil.rmtree(run_dir)
     train(cfg, run_dir, progress=progress)
 
 
-def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, epochs: int | None = None,
-             progress: bool = True, device: str = "auto", force: bool = False) -> str:
+def run_demo(
+    out: str | Path = "runs/demo",
+    data: str | Path | None = None,
+    epochs: int | None = None,
+    progress: bool = True,
+    device: str = "auto",
+    force: bool = False,
+) -> str:
     from xraylens.data.phantom import write_phantom
     from xraylens.evaluate.run import evaluate_run
     from xraylens.explain.run import explain_run
@@ -96,10 +106,19 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, epoc
     if annotations is not None:
         from xraylens.localize.run import localize_run
 
-        loc = localize_run(run, annotations=annotations, fmt="object-cxr", split=split, methods=DEMO_METHODS,
-                           out=run_dir, target="true", tolerance=DEMO_TOLERANCE)
-        lines.append(f"  pointing game on {loc.n_annotated} {split} images with an opacity box "
-                     f"(tolerance {loc.tolerance:g} px):")
+        loc = localize_run(
+            run,
+            annotations=annotations,
+            fmt="object-cxr",
+            split=split,
+            methods=DEMO_METHODS,
+            out=run_dir,
+            target="true",
+            tolerance=DEMO_TOLERANCE,
+        )
+        lines.append(
+            f"  pointing game on {loc.n_annotated} {split} images with an opacity box (tolerance {loc.tolerance:g} px):"
+        )
         for method, acc in loc.overall.items():
             lines.append(f"    {method:<20} {acc:.3f}")
         lines.append(f"  per-image results: {loc.csv_path}")

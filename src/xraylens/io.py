@@ -114,8 +114,10 @@ def lock_dir(path: str | os.PathLike, what: str) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid, holder = _lock_holder(fd)
-            raise XraylensError(f"{path} is in use by another xraylens {holder or what} (pid {pid or '?'}); "
-                                "wait for it to finish or choose another --out") from None
+            raise XraylensError(
+                f"{path} is in use by another xraylens {holder or what} (pid {pid or '?'}); "
+                "wait for it to finish or choose another --out"
+            ) from None
         # who holds it, for the message a second process prints
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)

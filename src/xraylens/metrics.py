@@ -96,9 +96,7 @@ def compute_metrics(
     if p.ndim != 2 or y.ndim != 1 or p.shape[0] != y.shape[0]:
         raise XraylensError(f"metrics need y_true [N] and probs [N, K]; got shapes {y.shape} and {p.shape}")
     if p.shape[1] != k:
-        raise XraylensError(
-            f"probs has {p.shape[1]} columns but {k} classes were given; pass one name per output"
-        )
+        raise XraylensError(f"probs has {p.shape[1]} columns but {k} classes were given; pass one name per output")
     if y.size == 0:
         raise XraylensError("no samples to score; check that the evaluated split is not empty")
     if k < 2:
@@ -113,9 +111,7 @@ def compute_metrics(
     if np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)):
         y = y.astype(np.int64)  # labels that went through a float tensor are still indices
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= k:
-        raise XraylensError(
-            f"y_true must hold class indices 0..{k - 1}; got values {np.unique(y)[:10].tolist()}"
-        )
+        raise XraylensError(f"y_true must hold class indices 0..{k - 1}; got values {np.unique(y)[:10].tolist()}")
     binary = k == 2
     if positive is None:
         positive = k - 1  # e.g. [NORMAL, PNEUMONIA] -> PNEUMONIA
@@ -129,8 +125,7 @@ def compute_metrics(
     cm = skm.confusion_matrix(y, pred, labels=labels)
 
     def prfs(beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        return skm.precision_recall_fscore_support(y, pred, beta=beta, labels=labels, average=None,
-                                                   zero_division=0)
+        return skm.precision_recall_fscore_support(y, pred, beta=beta, labels=labels, average=None, zero_division=0)
 
     prec, rec, f1, support_i = prfs(1.0)
     f05_c, f2_c = prfs(0.5)[2], prfs(2.0)[2]
@@ -226,9 +221,7 @@ def _check(node: ast.AST, expr: str) -> None:
         pass
     elif isinstance(node, ast.Name):
         if node.id not in SELECTABLE and node.id not in LEGACY_ALIASES:
-            raise XraylensError(
-                f"unknown metric {node.id!r} in selector {expr!r}; use {', '.join(SELECTABLE)}"
-            )
+            raise XraylensError(f"unknown metric {node.id!r} in selector {expr!r}; use {', '.join(SELECTABLE)}")
     else:
         raise XraylensError(
             f"selector {expr!r} may only use numbers, metric names, + - * / and parentheses "
@@ -286,9 +279,7 @@ def metric_selector(expr: str) -> Callable[[dict[str, Any]], float]:
     """
     text = (expr or "").strip()
     if not text:
-        raise XraylensError(
-            f"empty metric selector; use a name ({', '.join(SELECTABLE)}) or e.g. '1.5*f2+accuracy'"
-        )
+        raise XraylensError(f"empty metric selector; use a name ({', '.join(SELECTABLE)}) or e.g. '1.5*f2+accuracy'")
     if text == "loss":
         text = "-loss"
     try:

@@ -28,8 +28,15 @@ _clock: Callable[[], float] = time.monotonic
 
 
 @contextmanager
-def progress_bar(enabled: bool, description: str, total: int, show_loss: bool = False, *, unit: str = "it",
-                 stream: TextIO | None = None) -> Iterator[Callable[..., None]]:
+def progress_bar(
+    enabled: bool,
+    description: str,
+    total: int,
+    show_loss: bool = False,
+    *,
+    unit: str = "it",
+    stream: TextIO | None = None,
+) -> Iterator[Callable[..., None]]:
     """Yield ``advance(loss=None, n=1)``: call it after each step with ``n`` items done (images of a batch).
 
     ``total`` counts the same items as ``n``; ``unit`` names them in the rate ("img" -> "img/s").

@@ -47,14 +47,21 @@ class InputSettings:
 
     @classmethod
     def from_config(cls, config: RunConfig) -> InputSettings:
-        return cls(image_size=config.data.image_size, center_crop=config.data.center_crop,
-                   in_chans=config.model.in_chans, mean=tuple(config.data.mean), std=tuple(config.data.std))
+        return cls(
+            image_size=config.data.image_size,
+            center_crop=config.data.center_crop,
+            in_chans=config.model.in_chans,
+            mean=tuple(config.data.mean),
+            std=tuple(config.data.std),
+        )
 
-    def to_model(self, x_uint8: torch.Tensor, device: torch.device | str | None = None,
-                 channels_last: bool = False) -> torch.Tensor:
+    def to_model(
+        self, x_uint8: torch.Tensor, device: torch.device | str | None = None, channels_last: bool = False
+    ) -> torch.Tensor:
         """uint8 [B,1,H,W] from the cache -> normalised float model input on `device`."""
-        return to_model_input(x_uint8, in_chans=self.in_chans, mean=self.mean, std=self.std, device=device,
-                              channels_last=channels_last)
+        return to_model_input(
+            x_uint8, in_chans=self.in_chans, mean=self.mean, std=self.std, device=device, channels_last=channels_last
+        )
 
     def prepare(self, image: str | Path | np.ndarray) -> tuple[np.ndarray, Geometry]:
         """One file (or uint8 array) through the cache's own crop and resize: uint8 [H, W] + geometry."""
@@ -111,8 +118,9 @@ def build_model(config: RunConfig, *, weights: bool = True) -> nn.Module:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, cached: CachedSplit, inputs: InputSettings, device: torch.device,
-                   batch_size: int = 64) -> np.ndarray:
+def predict_logits(
+    model: nn.Module, cached: CachedSplit, inputs: InputSettings, device: torch.device, batch_size: int = 64
+) -> np.ndarray:
     """Logits [N, K] (float32, numpy) for every image of a cached split, in cache order.
 
     The one inference path shared by training's validation, `evaluate` and the report."""
@@ -148,23 +156,36 @@ def open_source(config: RunConfig, data: str | Path | None = None, *, grouped: b
         raise XraylensError("no data given: pass --data DIR (folder splits, a CSV manifest or an .npz)")
     if is_plain_image_folder(path):
         return load_image_folder(path)
-    return load_source(path, val_fraction=d.val_fraction, seed=d.split_seed,
-                       group_pattern=d.group_pattern if grouped else None,
-                       group_column=d.group_column if grouped else None)
+    return load_source(
+        path,
+        val_fraction=d.val_fraction,
+        seed=d.split_seed,
+        group_pattern=d.group_pattern if grouped else None,
+        group_column=d.group_column if grouped else None,
+    )
 
 
 def cached_split(config: RunConfig, source: SourceSet, split: str, *, progress: bool = False) -> CachedSplit:
     """One split of `source`, decoded through the config's crop and resize (from the cache when it can)."""
     d = config.data
     if source.kind != "images" and split not in source.splits:
-        raise XraylensError(f"{source.root} has no {split!r} split (found: {', '.join(source.splits)}); "
-                            "pick one with --split")
-    return load_split(source, "all" if source.kind == "images" else split, d.image_size, center_crop=d.center_crop,
-                      cache_dir=d.cache_dir, workers=d.workers, progress=progress)
+        raise XraylensError(
+            f"{source.root} has no {split!r} split (found: {', '.join(source.splits)}); pick one with --split"
+        )
+    return load_split(
+        source,
+        "all" if source.kind == "images" else split,
+        d.image_size,
+        center_crop=d.center_crop,
+        cache_dir=d.cache_dir,
+        workers=d.workers,
+        progress=progress,
+    )
 
 
-def load_data_split(config: RunConfig, data: str | Path | None, split: str, *, progress: bool = False,
-                    grouped: bool = True) -> tuple[SourceSet, CachedSplit]:
+def load_data_split(
+    config: RunConfig, data: str | Path | None, split: str, *, progress: bool = False, grouped: bool = True
+) -> tuple[SourceSet, CachedSplit]:
     """A split of `data` (default: the config's data) through the config's own preprocessing.
 
     A plain folder of images is one unlabelled split "all" (`source.kind == "images"`) whatever
@@ -203,15 +224,17 @@ class Run:
         beside = self.run_dir / p
         return beside if beside.exists() else p
 
-    def load_split(self, data: str | Path | None = None, split: str = "test",
-                   progress: bool = False) -> tuple[SourceSet, CachedSplit]:
+    def load_split(
+        self, data: str | Path | None = None, split: str = "test", progress: bool = False
+    ) -> tuple[SourceSet, CachedSplit]:
         """A split of `data` (default: the run's own data) through the run's preprocessing."""
         own = data is None
         return load_data_split(self.config, self.data_path if own else data, split, progress=progress, grouped=own)
 
     def predict_logits(self, cached: CachedSplit, batch_size: int | None = None) -> np.ndarray:
-        return predict_logits(self.model, cached, self.inputs, self.device,
-                              batch_size or self.config.train.eval_batch_size)
+        return predict_logits(
+            self.model, cached, self.inputs, self.device, batch_size or self.config.train.eval_batch_size
+        )
 
 
 RunLike = str | Path | Run

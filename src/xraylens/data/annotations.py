@@ -199,9 +199,11 @@ def _require_usable(out: AnnotationSet, name: str) -> AnnotationSet:
         return out
     if out.skipped:
         first = "; ".join(f"{_where(r)}: {why}" for r, why in out.skipped[:3])
-        raise XraylensError(f"{name}: no usable annotations, {len(out.skipped)} bad entr"
-                            f"{'y' if len(out.skipped) == 1 else 'ies'} skipped and no shape left "
-                            f"(first: {first}); fix the file")
+        raise XraylensError(
+            f"{name}: no usable annotations, {len(out.skipped)} bad entr"
+            f"{'y' if len(out.skipped) == 1 else 'ies'} skipped and no shape left "
+            f"(first: {first}); fix the file"
+        )
     if not out:
         raise XraylensError(f"{name} lists no images; expected one entry per annotated image")
     return out  # every image normal (no shape): a valid, if unusual, file
@@ -370,8 +372,14 @@ def read_mask_folder(folder: str | os.PathLike, skip_bad: bool = False, label: s
             with Image.open(p) as im:
                 arr = np.asarray(im)
         except (OSError, UnidentifiedImageError) as exc:
-            _bad(out, folder.name, p.name, f"cannot read mask ({exc})", skip_bad,
-                 "replace or remove the file, or pass --skip-bad to skip it")
+            _bad(
+                out,
+                folder.name,
+                p.name,
+                f"cannot read mask ({exc})",
+                skip_bad,
+                "replace or remove the file, or pass --skip-bad to skip it",
+            )
             continue
         if arr.ndim == 3:  # RGB(A) masks: inside where any colour channel is set, alpha ignored
             arr = arr[..., :3].any(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
@@ -386,8 +394,9 @@ def read_mask_folder(folder: str | os.PathLike, skip_bad: bool = False, label: s
 # ------------------------------------------------------------------------------------ geometry mapping
 
 
-def rescale_shapes(shapes: Sequence[Shape], from_size: tuple[float, float],
-                   to_size: tuple[float, float]) -> list[Shape]:
+def rescale_shapes(
+    shapes: Sequence[Shape], from_size: tuple[float, float], to_size: tuple[float, float]
+) -> list[Shape]:
     """Shapes drawn on an image of `from_size` (width, height) moved onto the same image at `to_size`:
     coordinates scale by to/from per axis (continuous coordinates, so corners map to corners)."""
     fw, fh = from_size
@@ -569,8 +578,13 @@ def annotations_for(
 # ------------------------------------------------------------------------------ shapes the model sees
 
 
-def shapes_on_images(keys: Sequence[str | None], annots: AnnotationSet, geometries: Sequence[Geometry],
-                     label: str | None = None, ref_size: tuple[float, float] | None = None) -> list[list[Shape]]:
+def shapes_on_images(
+    keys: Sequence[str | None],
+    annots: AnnotationSet,
+    geometries: Sequence[Geometry],
+    label: str | None = None,
+    ref_size: tuple[float, float] | None = None,
+) -> list[list[Shape]]:
     """Shapes per image, ready to rasterise on each geometry's input grid: moved from the frame they
     were drawn in (`ref_size` (width, height), else the annotation's declared size, else the image
     itself) onto the decoded image, then without the shapes that cover no model-input pixel (outside
@@ -610,8 +624,10 @@ def _why_unseen(orig: Shape, moved: Shape, g: Geometry, frame: tuple[float, floa
     cx, cy, cw, ch = g.crop
     if x1 <= cx or y1 <= cy or x0 >= cx + cw or y0 >= cy + ch:
         fx, fy = frame[0] / g.orig_w, frame[1] / g.orig_h
-        return (f"{what} lies outside the centre crop the model sees "
-                f"(x {cx * fx:g}-{(cx + cw) * fx:g}, y {cy * fy:g}-{(cy + ch) * fy:g})")
+        return (
+            f"{what} lies outside the centre crop the model sees "
+            f"(x {cx * fx:g}-{(cx + cw) * fx:g}, y {cy * fy:g}-{(cy + ch) * fy:g})"
+        )
     return f"{what} covers no pixel centre of the {g.out_w}x{g.out_h} model input"
 
 

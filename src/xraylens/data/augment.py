@@ -33,11 +33,23 @@ class GpuAugment(nn.Module):
     Identity in eval mode and when every part is disabled.
     """
 
-    def __init__(self, *, flip: float = 0.0, affine: bool = False, degrees: float = 10.0,
-                 scale: tuple[float, float] = (0.9, 1.1), jitter: bool = False, brightness: float = 0.2,
-                 contrast: float = 0.2, elastic: bool = False, elastic_alpha: float = 40.0,
-                 elastic_sigma: float = 6.0, p: float = 1.0, padding_mode: str = "zeros",
-                 seed: int | None = None):
+    def __init__(
+        self,
+        *,
+        flip: float = 0.0,
+        affine: bool = False,
+        degrees: float = 10.0,
+        scale: tuple[float, float] = (0.9, 1.1),
+        jitter: bool = False,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        elastic: bool = False,
+        elastic_alpha: float = 40.0,
+        elastic_sigma: float = 6.0,
+        p: float = 1.0,
+        padding_mode: str = "zeros",
+        seed: int | None = None,
+    ):
         super().__init__()
         if not 0.0 <= flip <= 1.0 or not 0.0 <= p <= 1.0:
             raise XraylensError(f"augment probabilities must be in [0, 1], got flip={flip}, p={p}")
@@ -64,10 +76,15 @@ class GpuAugment(nn.Module):
         parts = [n for n in parts if n != "none"]
         unknown = [n for n in parts if n not in AUGMENT_NAMES]
         if unknown:
-            raise XraylensError(f"unknown augmentation(s) {unknown}; use a comma list of "
-                                f"{', '.join(AUGMENT_NAMES)}, or none")
-        enabled = {"flip": 0.5 if "flip" in parts else 0.0, "affine": "affine" in parts,
-                   "jitter": "jitter" in parts, "elastic": "elastic" in parts}
+            raise XraylensError(
+                f"unknown augmentation(s) {unknown}; use a comma list of {', '.join(AUGMENT_NAMES)}, or none"
+            )
+        enabled = {
+            "flip": 0.5 if "flip" in parts else 0.0,
+            "affine": "affine" in parts,
+            "jitter": "jitter" in parts,
+            "elastic": "elastic" in parts,
+        }
         if "flip" in kwargs and "flip" in parts:
             enabled["flip"] = kwargs.pop("flip")  # a flip probability given explicitly
         kwargs.pop("flip", None)
@@ -130,8 +147,9 @@ class GpuAugment(nn.Module):
             out = (out - mu) * con + mu + bright
         return out
 
-    def _warp(self, x: torch.Tensor, u_rot: torch.Tensor, u_scale: torch.Tensor,
-              noise: torch.Tensor | None) -> torch.Tensor:
+    def _warp(
+        self, x: torch.Tensor, u_rot: torch.Tensor, u_scale: torch.Tensor, noise: torch.Tensor | None
+    ) -> torch.Tensor:
         n, _, h, w = x.shape
         dtype = torch.float32  # sampling grids in fp32 even under half precision inputs
         theta = torch.zeros(n, 2, 3, device=x.device, dtype=dtype)
@@ -151,6 +169,5 @@ class GpuAugment(nn.Module):
             # pixels -> normalised units (2 / size); grid's last dim is (x, y)
             scale = torch.tensor([2.0 / w, 2.0 / h], device=x.device, dtype=dtype)
             grid = grid + disp.permute(0, 2, 3, 1) * scale
-        out = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode=self.padding_mode,
-                            align_corners=False)
+        out = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode=self.padding_mode, align_corners=False)
         return out.to(x.dtype)

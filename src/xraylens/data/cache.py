@@ -85,8 +85,9 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "xraylens"
 
 
-def prepare_image(path_or_array: str | os.PathLike | np.ndarray, image_size: int | Sequence[int],
-                  center_crop: float = 1.0) -> tuple[np.ndarray, Geometry]:
+def prepare_image(
+    path_or_array: str | os.PathLike | np.ndarray, image_size: int | Sequence[int], center_crop: float = 1.0
+) -> tuple[np.ndarray, Geometry]:
     """Decode (if a path), keep the central `center_crop` of each side, resize to `image_size`.
 
     Returns the uint8 [H, W] model image and the `Geometry` that maps original coordinates onto it.
@@ -111,8 +112,7 @@ def prepare_image(path_or_array: str | os.PathLike | np.ndarray, image_size: int
     return out, Geometry(orig_h=h, orig_w=w, crop=crop, out_h=out_h, out_w=out_w)
 
 
-def split_key(source: SourceSet, split: str, image_size: int | Sequence[int],
-              center_crop: float = 1.0) -> str:
+def split_key(source: SourceSet, split: str, image_size: int | Sequence[int], center_crop: float = 1.0) -> str:
     """Cache key: format version, every file's id + size + mtime_ns + label, size and crop.
 
     Its first part (the lineage) hashes everything but the file versions, so the entry of an edited
@@ -120,11 +120,18 @@ def split_key(source: SourceSet, split: str, image_size: int | Sequence[int],
     """
     records = source.split(split)
     lineage = hashlib.sha256()
-    head = {"v": CACHE_FORMAT_VERSION, "kind": source.kind, "classes": list(source.classes),
-            "size": list(resolve_size(image_size)), "crop": float(center_crop), "root": str(source.root),
-            "split": split,
-            # a file skipped for its size decodes once the user raises the limit: a new entry
-            "max_pixels": max_pixels_setting(), "min_side": MIN_SIDE}
+    head = {
+        "v": CACHE_FORMAT_VERSION,
+        "kind": source.kind,
+        "classes": list(source.classes),
+        "size": list(resolve_size(image_size)),
+        "crop": float(center_crop),
+        "root": str(source.root),
+        "split": split,
+        # a file skipped for its size decodes once the user raises the limit: a new entry
+        "max_pixels": max_pixels_setting(),
+        "min_side": MIN_SIDE,
+    }
     lineage.update(json.dumps(head, sort_keys=True).encode())
     for r in records:
         lineage.update(f"\n{r.id}\t{r.label}".encode())
@@ -142,7 +149,7 @@ def split_key(source: SourceSet, split: str, image_size: int | Sequence[int],
             size, mtime = -1, r.array_index
         h.update(f"\n{r.id}\t{size}\t{mtime}\t{r.label}".encode())
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
-    return f"{safe}-{lineage.hexdigest()[:_LINEAGE_HEX]}{h.hexdigest()[:32 - _LINEAGE_HEX]}"
+    return f"{safe}-{lineage.hexdigest()[:_LINEAGE_HEX]}{h.hexdigest()[: 32 - _LINEAGE_HEX]}"
 
 
 def _npz_identity(source: SourceSet, split: str) -> str:
@@ -156,9 +163,17 @@ def _npz_identity(source: SourceSet, split: str) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() if arr is not None else ""
 
 
-def load_split(source: SourceSet, split: str, image_size: int | Sequence[int], *, center_crop: float = 1.0,
-               cache_dir: str | os.PathLike | None = None, workers: int | None = None,
-               progress: bool = False, max_bytes: int | str | None = None) -> CachedSplit:
+def load_split(
+    source: SourceSet,
+    split: str,
+    image_size: int | Sequence[int],
+    *,
+    center_crop: float = 1.0,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    max_bytes: int | str | None = None,
+) -> CachedSplit:
     """The preprocessed split, from the disk cache or decoded once (then cached atomically).
 
     `max_bytes` bounds the cache folder (int bytes, or a size like "20G" / "unlimited"); None reads
@@ -166,8 +181,9 @@ def load_split(source: SourceSet, split: str, image_size: int | Sequence[int], *
     """
     records = source.split(split)
     if not records:
-        raise XraylensError(f"{source.root} has no {split!r} split (found: {', '.join(source.splits)}); "
-                            "pick one of those")
+        raise XraylensError(
+            f"{source.root} has no {split!r} split (found: {', '.join(source.splits)}); pick one of those"
+        )
     out_h, out_w = resolve_size(image_size)
     limit = resolve_max_bytes(max_bytes)  # a bad setting fails before minutes of decoding
     key = split_key(source, split, (out_h, out_w), center_crop)
@@ -212,15 +228,20 @@ def load_split(source: SourceSet, split: str, image_size: int | Sequence[int], *
                     advance()
     if not ok.any():
         first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
-        raise XraylensError(f"none of the {len(records)} images of split {split!r} in {source.root} could be "
-                            f"decoded{first}; check the files")
+        raise XraylensError(
+            f"none of the {len(records)} images of split {split!r} in {source.root} could be "
+            f"decoded{first}; check the files"
+        )
     keep = np.flatnonzero(ok)
     result = CachedSplit(
         images=np.ascontiguousarray(images[keep]) if len(keep) < len(records) else images,
         labels=np.array([records[i].label for i in keep], dtype=np.int64),
         ids=[records[i].id for i in keep],
         geometry=[geometry[i] for i in keep],  # type: ignore[misc]
-        skipped=skipped, classes=list(source.classes), key=key, split=split,
+        skipped=skipped,
+        classes=list(source.classes),
+        key=key,
+        split=split,
     )
     _write_cache(folder, result, center_crop, limit, str(source.root))
     return result
@@ -236,22 +257,39 @@ def _geometry_to_json(g: Geometry) -> list:
 
 
 def _geometry_from_json(v: list) -> Geometry:
-    return Geometry(orig_h=int(v[0]), orig_w=int(v[1]), crop=tuple(float(c) for c in v[2]),  # type: ignore
-                    out_h=int(v[3]), out_w=int(v[4]))
+    return Geometry(
+        orig_h=int(v[0]),
+        orig_w=int(v[1]),
+        crop=tuple(float(c) for c in v[2]),  # type: ignore
+        out_h=int(v[3]),
+        out_w=int(v[4]),
+    )
 
 
 def _write_cache(folder: Path, c: CachedSplit, center_crop: float, limit: int | None, source: str) -> None:
     meta: dict[str, Any] = {
-        "format": CACHE_FORMAT_VERSION, "split": c.split, "source": source, "created": time.time(),
-        "classes": c.classes, "center_crop": center_crop,
-        "shape": list(c.images.shape), "ids": c.ids, "labels": c.labels.tolist(),
-        "geometry": [_geometry_to_json(g) for g in c.geometry], "skipped": [list(s) for s in c.skipped],
+        "format": CACHE_FORMAT_VERSION,
+        "split": c.split,
+        "source": source,
+        "created": time.time(),
+        "classes": c.classes,
+        "center_crop": center_crop,
+        "shape": list(c.images.shape),
+        "ids": c.ids,
+        "labels": c.labels.tolist(),
+        "geometry": [_geometry_to_json(g) for g in c.geometry],
+        "skipped": [list(s) for s in c.skipped],
     }
     text = json.dumps(meta, indent=2) + "\n"
     size = c.images.nbytes + 128 + len(text.encode())  # 128: the .npy header
     if limit is not None and size > limit:
-        log.warning("split %r (%s) is larger than the cache limit (%s); not cached, so it is decoded again "
-                    "next time: raise XRAYLENS_CACHE_MAX", c.split, format_bytes(size), format_bytes(limit))
+        log.warning(
+            "split %r (%s) is larger than the cache limit (%s); not cached, so it is decoded again "
+            "next time: raise XRAYLENS_CACHE_MAX",
+            c.split,
+            format_bytes(size),
+            format_bytes(limit),
+        )
         return
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -272,15 +310,24 @@ def _read_cache(folder: Path, key: str, source: SourceSet, split: str) -> Cached
     try:
         meta = json.loads(meta_path.read_text())
         images = np.load(npy, allow_pickle=False)
-        if meta.get("format") != CACHE_FORMAT_VERSION or list(images.shape) != meta["shape"] \
-                or images.dtype != np.uint8 or len(meta["ids"]) != len(images):
+        if (
+            meta.get("format") != CACHE_FORMAT_VERSION
+            or list(images.shape) != meta["shape"]
+            or images.dtype != np.uint8
+            or len(meta["ids"]) != len(images)
+        ):
             return None
         _touch(meta_path)
-        return CachedSplit(images=images, labels=np.asarray(meta["labels"], dtype=np.int64),
-                           ids=list(meta["ids"]),
-                           geometry=[_geometry_from_json(g) for g in meta["geometry"]],
-                           skipped=[(s[0], s[1]) for s in meta["skipped"]], classes=list(source.classes),
-                           key=key, split=split)
+        return CachedSplit(
+            images=images,
+            labels=np.asarray(meta["labels"], dtype=np.int64),
+            ids=list(meta["ids"]),
+            geometry=[_geometry_from_json(g) for g in meta["geometry"]],
+            skipped=[(s[0], s[1]) for s in meta["skipped"]],
+            classes=list(source.classes),
+            key=key,
+            split=split,
+        )
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None  # a damaged entry is rebuilt, not trusted
 
@@ -309,8 +356,9 @@ def parse_size(text: str) -> int | None:
         return None
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", t)
     if not m:
-        raise XraylensError(f"cache size {text!r} is not understood; use e.g. 20G, 500M, 0 (cache nothing) "
-                            "or unlimited")
+        raise XraylensError(
+            f"cache size {text!r} is not understood; use e.g. 20G, 500M, 0 (cache nothing) or unlimited"
+        )
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
@@ -331,8 +379,9 @@ def resolve_max_bytes(max_bytes: int | str | None = None) -> int | None:
         try:
             return parse_size(env)
         except XraylensError:
-            raise XraylensError(f"XRAYLENS_CACHE_MAX={env!r} is not a size; set it to e.g. 20G, 500M, 0 "
-                                "(cache nothing) or unlimited") from None
+            raise XraylensError(
+                f"XRAYLENS_CACHE_MAX={env!r} is not a size; set it to e.g. 20G, 500M, 0 (cache nothing) or unlimited"
+            ) from None
     if isinstance(max_bytes, str):
         return parse_size(max_bytes)
     if int(max_bytes) < 0:
@@ -353,8 +402,18 @@ def cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry
             source, created = str(m.get("source", "")), float(m.get("created", npy.st_mtime))
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             split, n, hw, source, created = "?", 0, (0, 0), "", npy.st_mtime
-        out.append(CacheEntry(key=key, split=split, source=source, n_images=n, image_shape=hw,
-                              bytes=npy.st_size + meta.st_size, last_used=meta.st_mtime, created=created))
+        out.append(
+            CacheEntry(
+                key=key,
+                split=split,
+                source=source,
+                n_images=n,
+                image_shape=hw,
+                bytes=npy.st_size + meta.st_size,
+                last_used=meta.st_mtime,
+                created=created,
+            )
+        )
     return sorted(out, key=lambda e: -e.last_used)
 
 
@@ -395,15 +454,28 @@ def format_cache_table(entries: Sequence[CacheEntry], folder: Path, limit: int |
     now = time.time()
     cap = "unlimited" if limit is None else format_bytes(limit)
     rows = [("entry", "split", "images", "shape", "size", "last used", "source")]
-    rows += [(e.key, e.split, str(e.n_images), f"{e.image_shape[0]}x{e.image_shape[1]}", format_bytes(e.bytes),
-              format_age(now - e.last_used), e.source) for e in entries]
+    rows += [
+        (
+            e.key,
+            e.split,
+            str(e.n_images),
+            f"{e.image_shape[0]}x{e.image_shape[1]}",
+            format_bytes(e.bytes),
+            format_age(now - e.last_used),
+            e.source,
+        )
+        for e in entries
+    ]
     lines = []
     if entries:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         # the last column (source) is free width; images right-aligned
-        lines = ["  ".join(c.rjust(w) if i == 2 else c.ljust(w)
-                           for i, (c, w) in enumerate(zip(r[:-1], widths, strict=True))) + "  " + r[-1]
-                 for r in rows]
+        lines = [
+            "  ".join(c.rjust(w) if i == 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r[:-1], widths, strict=True)))
+            + "  "
+            + r[-1]
+            for r in rows
+        ]
     total = sum(e.bytes for e in entries)
     lines.append(f"{_count(len(entries))}, {format_bytes(total)} of {cap} (XRAYLENS_CACHE_MAX) in {folder}")
     return "\n".join(line.rstrip() for line in lines)
@@ -489,7 +561,7 @@ def _shrink(folder: Path, keep: str, limit: int | None) -> None:
     used entries until the folder fits `limit`. `keep` itself always stays."""
     try:
         entries = _complete(folder)
-        lineage = keep[:-(32 - _LINEAGE_HEX)]
+        lineage = keep[: -(32 - _LINEAGE_HEX)]
         for key in [k for k in entries if k != keep and k.startswith(lineage)]:
             _remove(folder, key)  # same files, same settings, older contents: never read again
             del entries[key]

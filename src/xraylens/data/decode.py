@@ -49,8 +49,10 @@ def max_pixels_setting() -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise XraylensError(f"{MAX_PIXELS_ENV}={raw!r} is not a positive whole number of pixels; "
-                            f"set it like {MAX_PIXELS_ENV}=200000000, or unset it for {DEFAULT_MAX_PIXELS:,}")
+        raise XraylensError(
+            f"{MAX_PIXELS_ENV}={raw!r} is not a positive whole number of pixels; "
+            f"set it like {MAX_PIXELS_ENV}=200000000, or unset it for {DEFAULT_MAX_PIXELS:,}"
+        )
     return value
 
 
@@ -79,11 +81,15 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.n
 
 def _check_size(name: str, width: int, height: int, limit: int) -> None:
     if width * height > limit:
-        raise DecodeError(f"{name}: {width}x{height} image ({width * height:,} pixels) is above the limit of "
-                          f"{limit:,} pixels; set {MAX_PIXELS_ENV}={width * height} (or more) to decode it")
+        raise DecodeError(
+            f"{name}: {width}x{height} image ({width * height:,} pixels) is above the limit of "
+            f"{limit:,} pixels; set {MAX_PIXELS_ENV}={width * height} (or more) to decode it"
+        )
     if min(width, height) < MIN_SIDE:
-        raise DecodeError(f"{name}: {width}x{height} image is smaller than {MIN_SIDE} pixels on a side, too "
-                          "small to hold a radiograph; replace or remove the file")
+        raise DecodeError(
+            f"{name}: {width}x{height} image is smaller than {MIN_SIDE} pixels on a side, too "
+            "small to hold a radiograph; replace or remove the file"
+        )
 
 
 def _raise_pillow_limit(limit: int) -> None:
@@ -103,8 +109,10 @@ def _open_quiet(p: Path, limit: int) -> Image.Image:
         except Image.DecompressionBombError as exc:  # over twice Pillow's limit, which is >= ours
             m = re.search(r"\((\d+) pixels\)", str(exc))
             size = f"{int(m.group(1)):,} pixels" if m else f"over {2 * limit:,} pixels"
-            raise DecodeError(f"{p.name}: image of {size} is above the limit of {limit:,} pixels; set "
-                              f"{MAX_PIXELS_ENV} higher to decode it") from None
+            raise DecodeError(
+                f"{p.name}: image of {size} is above the limit of {limit:,} pixels; set "
+                f"{MAX_PIXELS_ENV} higher to decode it"
+            ) from None
 
 
 def minmax_uint8(arr: np.ndarray) -> np.ndarray:

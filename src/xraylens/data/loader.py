@@ -15,8 +15,9 @@ from xraylens.data.cache import CachedSplit
 from xraylens.errors import XraylensError
 
 
-def epoch_order(labels: np.ndarray, *, shuffle: bool = False, balanced: bool = False, seed: int = 0,
-                epoch: int = 0) -> np.ndarray:
+def epoch_order(
+    labels: np.ndarray, *, shuffle: bool = False, balanced: bool = False, seed: int = 0, epoch: int = 0
+) -> np.ndarray:
     """The sample order of one epoch (int64 indices), deterministic in (seed, epoch).
 
     `balanced`: N draws with replacement, each class equally likely (classes with no sample excluded).
@@ -34,26 +35,38 @@ def epoch_order(labels: np.ndarray, *, shuffle: bool = False, balanced: bool = F
     return rng.choice(n, size=n, replace=True, p=weights / weights.sum()).astype(np.int64)
 
 
-def iterate_batches(cached: CachedSplit, batch_size: int, *, shuffle: bool = False, balanced: bool = False,
-                    seed: int = 0, epoch: int = 0,
-                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def iterate_batches(
+    cached: CachedSplit,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    balanced: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield `(x uint8 [B,1,H,W], y int64 [B], idx int64 [B])`; `idx` indexes `cached.ids` / geometry."""
     if batch_size < 1:
         raise XraylensError(f"batch_size must be >= 1, got {batch_size}")
     images = torch.from_numpy(cached.images)  # shares memory with the cache array, no copy
     labels = torch.from_numpy(np.asarray(cached.labels, dtype=np.int64))
-    order = torch.from_numpy(epoch_order(cached.labels, shuffle=shuffle, balanced=balanced, seed=seed,
-                                         epoch=epoch))
+    order = torch.from_numpy(epoch_order(cached.labels, shuffle=shuffle, balanced=balanced, seed=seed, epoch=epoch))
     n = len(order)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield images[idx].unsqueeze(1), labels[idx], idx
 
 
-def to_model_input(x_uint8: torch.Tensor, *, in_chans: int = 1, mean: Sequence[float] = (0.5,),
-                   std: Sequence[float] = (0.25,), device: torch.device | str | None = None,
-                   channels_last: bool = False) -> torch.Tensor:
+def to_model_input(
+    x_uint8: torch.Tensor,
+    *,
+    in_chans: int = 1,
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.25,),
+    device: torch.device | str | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """uint8 [B,1,H,W] (or [B,H,W]) -> float32 [B,in_chans,H,W]: ((x / 255) - mean) / std.
 
     Moved to `device` first (uint8 is 4x smaller on the wire); grey is repeated to `in_chans`.

@@ -35,9 +35,7 @@ def _soft(d: np.ndarray, width: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(np.clip(d / width, -30, 30)))
 
 
-def _render(
-    p: dict[str, np.ndarray], u: np.ndarray, v: np.ndarray, rng: np.random.Generator, size: int
-) -> np.ndarray:
+def _render(p: dict[str, np.ndarray], u: np.ndarray, v: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     """Draw one chunk. `p` holds per-image parameters as [n, 1, 1] arrays; u, v are [1, H, W]
     normalised pixel-centre coordinates (column, row) in [0, 1]."""
     n = p["cx"].shape[0]
@@ -219,8 +217,6 @@ def write_phantom(
                 ocxr_rows.append([name, f"0 {x1} {y1} {x2} {y2}"])
             else:
                 ocxr_rows.append([name, ""])
-    write_csv(
-        out / "boxes.csv", ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""], nih_rows
-    )
+    write_csv(out / "boxes.csv", ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""], nih_rows)
     write_csv(out / "annotations_objectcxr.csv", ["image_name", "annotation"], ocxr_rows)
     return out

@@ -26,8 +26,7 @@ log = logging.getLogger("xraylens.data")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 MAX_NAMED = 20  # group names listed in split_info (leaks, unmatched examples); the counts are always whole
 # split folder names we recognise; the aliases of "val" collapse so every command can ask for "val"
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "dev",
-                 "test": "test"}
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "dev", "test": "test"}
 
 
 def natural_key(name: str) -> tuple:
@@ -48,8 +47,14 @@ def normalise_split(name: str) -> str:
     return SPLIT_ALIASES.get(name.strip().lower(), name.strip())
 
 
-def load_source(path: str | os.PathLike, *, val_fraction: float = 0.15, seed: int = 0,
-                group_pattern: str | None = None, group_column: str | None = None) -> SourceSet:
+def load_source(
+    path: str | os.PathLike,
+    *,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    group_pattern: str | None = None,
+    group_column: str | None = None,
+) -> SourceSet:
     """Read a dataset description: a folder tree, a `.csv` manifest or a MedMNIST `.npz`.
 
     Without a "val" split, one is carved from "train" (stratified, deterministic in `seed`).
@@ -69,16 +74,17 @@ def load_source(path: str | os.PathLike, *, val_fraction: float = 0.15, seed: in
         raise XraylensError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.15")
     is_manifest = p.is_file() and p.suffix.lower() == ".csv"
     if group_column is not None and not is_manifest:
-        raise XraylensError(f"group_column {group_column!r} needs a CSV manifest, but {p} is not one; "
-                            "use group_pattern to group by file name")
+        raise XraylensError(
+            f"group_column {group_column!r} needs a CSV manifest, but {p} is not one; "
+            "use group_pattern to group by file name"
+        )
     if p.is_dir():
         source = _load_folders(p)
     elif is_manifest:
         source = _load_manifest(p, group_column)
     elif p.suffix.lower() == ".npz":
         if rx is not None:
-            raise XraylensError(f"{p} is a MedMNIST .npz: it has no file names to group by; "
-                                "leave group_pattern unset")
+            raise XraylensError(f"{p} is a MedMNIST .npz: it has no file names to group by; leave group_pattern unset")
         source = _load_npz(p)
     else:
         raise XraylensError(f"cannot read data from {p}: pass a folder, a .csv manifest or a MedMNIST .npz")
@@ -100,8 +106,10 @@ def compile_group_pattern(pattern: str | None) -> re.Pattern | None:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise XraylensError(f"group_pattern {pattern!r} is not a valid regular expression ({exc}); "
-                            r"fix it, e.g. '^(person\d+)_'") from None
+        raise XraylensError(
+            f"group_pattern {pattern!r} is not a valid regular expression ({exc}); "
+            r"fix it, e.g. '^(person\d+)_'"
+        ) from None
 
 
 def group_of(name: str, rx: re.Pattern) -> str | None:
@@ -162,8 +170,9 @@ def _scan_split(folder: Path) -> tuple[dict[str, list[Path]], int]:
 def _load_folders(root: Path) -> SourceSet:
     dirs = [e for e in _visible_entries(root) if e.is_dir()]
     if not dirs:
-        raise XraylensError(f"{root} holds no folders; expected root/{{class}}/images or "
-                            "root/{train,val,test}/{class}/images")
+        raise XraylensError(
+            f"{root} holds no folders; expected root/{{class}}/images or root/{{train,val,test}}/{{class}}/images"
+        )
     split_dirs = [e for e in dirs if e.name.lower() in SPLIT_ALIASES]
     ignored = 0
     per_split: dict[str, dict[str, list[Path]]] = {}
@@ -173,12 +182,14 @@ def _load_folders(root: Path) -> SourceSet:
         if others:
             raise XraylensError(
                 f"{root} mixes split folders ({', '.join(e.name for e in split_dirs)}) with other folders "
-                f"({', '.join(natural_sorted(others))}); move every class folder inside a split folder")
+                f"({', '.join(natural_sorted(others))}); move every class folder inside a split folder"
+            )
         for e in sorted(split_dirs, key=lambda e: e.name):
             name = normalise_split(e.name)
             if name in per_split:
-                raise XraylensError(f"{root} has two folders for split {name!r} ({split_folder[name].name}, "
-                                    f"{e.name}); keep one")
+                raise XraylensError(
+                    f"{root} has two folders for split {name!r} ({split_folder[name].name}, {e.name}); keep one"
+                )
             per_split[name], n = _scan_split(Path(e.path))
             split_folder[name] = Path(e.path)
             ignored += n
@@ -192,8 +203,10 @@ def _load_folders(root: Path) -> SourceSet:
 
     for name, classes in per_split.items():
         if not any(classes.values()):
-            raise XraylensError(f"split {name!r} ({split_folder[name]}) holds no image files "
-                                f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder")
+            raise XraylensError(
+                f"split {name!r} ({split_folder[name]}) holds no image files "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder"
+            )
 
     # class set = class folders holding >= 1 image; it must be the same in every split
     class_sets = {name: {c for c, files in classes.items() if files} for name, classes in per_split.items()}
@@ -206,8 +219,12 @@ def _load_folders(root: Path) -> SourceSet:
                 parts.append(f"lacks class(es) {natural_sorted(missing)}")
             if extra:
                 parts.append(f"has extra class(es) {natural_sorted(extra)}")
-            empty = [str(split_folder[s] / c) for s in (name, ref) for c in natural_sorted(missing | extra)
-                     if c in per_split[s] and not per_split[s][c]]
+            empty = [
+                str(split_folder[s] / c)
+                for s in (name, ref)
+                for c in natural_sorted(missing | extra)
+                if c in per_split[s] and not per_split[s][c]
+            ]
             if empty:
                 parts.append(f"(empty folder: {', '.join(empty)})")
             raise XraylensError(" ".join(parts) + "; give every split the same class folders, with images")
@@ -224,11 +241,11 @@ def _load_folders(root: Path) -> SourceSet:
     for name in _split_order(per_split):
         for c in class_names:
             for f in per_split[name][c]:
-                records.append(Record(id=f.relative_to(root).as_posix(), label=index[c], split=name,
-                                      path=str(f.resolve())))
+                records.append(
+                    Record(id=f.relative_to(root).as_posix(), label=index[c], split=name, path=str(f.resolve()))
+                )
     info: dict[str, Any] = {"layout": layout, "ignored_files": ignored}
-    return SourceSet(root=str(root.resolve()), classes=class_names, records=records, kind="folders",
-                     split_info=info)
+    return SourceSet(root=str(root.resolve()), classes=class_names, records=records, kind="folders", split_info=info)
 
 
 def _split_order(names) -> list[str]:
@@ -271,16 +288,19 @@ def _load_manifest(path: Path, group_column: str | None = None) -> SourceSet:
         cols = [h.strip() for h in header]
         lower = [h.lower() for h in cols]
         if "path" not in lower or "label" not in lower:
-            raise XraylensError(f"manifest {path} has columns {cols}; it needs 'path' and 'label' "
-                                "(and optionally 'split')")
+            raise XraylensError(
+                f"manifest {path} has columns {cols}; it needs 'path' and 'label' (and optionally 'split')"
+            )
         i_path, i_label = lower.index("path"), lower.index("label")
         i_split = lower.index("split") if "split" in lower else None
         i_group = None
         if group_column is not None:
             i_group = _column(cols, group_column)
             if i_group is None or i_group in (i_path, i_label, i_split):
-                raise XraylensError(f"group_column {group_column!r} is not a column of manifest {path} "
-                                    f"(columns: {', '.join(cols)}); name one of them")
+                raise XraylensError(
+                    f"group_column {group_column!r} is not a column of manifest {path} "
+                    f"(columns: {', '.join(cols)}); name one of them"
+                )
         # the group column is an identifier, not a clinical feature: keep it out of `clinical`
         extra = [(i, c) for i, c in enumerate(cols) if i not in (i_path, i_label, i_split, i_group)]
         rows = []
@@ -293,8 +313,9 @@ def _load_manifest(path: Path, group_column: str | None = None) -> SourceSet:
             line = reader.line_num
             for col, val in (("path", rel), ("label", label)):
                 if not val:
-                    raise XraylensError(f"manifest {path} row {row_no} (line {line}) has an empty {col!r}; "
-                                        "fill it in or delete the row")
+                    raise XraylensError(
+                        f"manifest {path} row {row_no} (line {line}) has an empty {col!r}; fill it in or delete the row"
+                    )
             split = normalise_split(row[i_split]) if i_split is not None and row[i_split].strip() else "train"
             f = Path(rel).expanduser()
             f = f if f.is_absolute() else base / f
@@ -304,8 +325,10 @@ def _load_manifest(path: Path, group_column: str | None = None) -> SourceSet:
             except ValueError:
                 rid = f.as_posix()  # outside the manifest's folder: the absolute path is the stable id
             if rid in seen:
-                raise XraylensError(f"manifest {path} row {row_no} (line {line}) repeats {rel!r} from row "
-                                    f"{seen[rid]}; list each image once")
+                raise XraylensError(
+                    f"manifest {path} row {row_no} (line {line}) repeats {rel!r} from row "
+                    f"{seen[rid]}; list each image once"
+                )
             seen[rid] = row_no
             clinical = {c: row[i].strip() for i, c in extra} or None
             group = (row[i_group].strip() or None) if i_group is not None else None
@@ -318,10 +341,17 @@ def _load_manifest(path: Path, group_column: str | None = None) -> SourceSet:
     _check_labels_in_train(path, rows)
     class_names = natural_sorted({r[2] for r in rows})
     index = {c: i for i, c in enumerate(class_names)}
-    records = [Record(id=rid, label=index[label], split=split, path=f, clinical=clin, group=group)
-               for rid, f, label, split, clin, group in rows]
-    return SourceSet(root=str(base), classes=class_names, records=records, kind="manifest",
-                     split_info={"layout": "manifest", "manifest": str(path.resolve()), "ignored_files": 0})
+    records = [
+        Record(id=rid, label=index[label], split=split, path=f, clinical=clin, group=group)
+        for rid, f, label, split, clin, group in rows
+    ]
+    return SourceSet(
+        root=str(base),
+        classes=class_names,
+        records=records,
+        kind="manifest",
+        split_info={"layout": "manifest", "manifest": str(path.resolve()), "ignored_files": 0},
+    )
 
 
 def _check_labels_in_train(path: Path, rows: list[tuple]) -> None:
@@ -336,8 +366,10 @@ def _check_labels_in_train(path: Path, rows: list[tuple]) -> None:
     if where:
         labels = natural_sorted(where)
         splits = _split_order(set().union(*where.values()))
-        raise XraylensError(f"manifest {path}: label(s) {labels} appear only in split(s) {splits}, never in "
-                            "'train'; add training rows for them or fix the label")
+        raise XraylensError(
+            f"manifest {path}: label(s) {labels} appear only in split(s) {splits}, never in "
+            "'train'; add training rows for them or fix the label"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- npz
@@ -359,8 +391,9 @@ def _load_npz(path: Path) -> SourceSet:
         keys = set(data.files)
         splits = [k[: -len("_images")] for k in keys if k.endswith("_images")]
         if not splits:
-            raise XraylensError(f"{path} has keys {sorted(keys)}; a MedMNIST .npz needs train_images/"
-                                "train_labels (and val_, test_)")
+            raise XraylensError(
+                f"{path} has keys {sorted(keys)}; a MedMNIST .npz needs train_images/train_labels (and val_, test_)"
+            )
         arrays: dict[str, np.ndarray] = {}
         labels: dict[str, np.ndarray] = {}
         for s in splits:
@@ -368,25 +401,39 @@ def _load_npz(path: Path) -> SourceSet:
                 raise XraylensError(f"{path} has {s}_images but no {s}_labels; add the labels array")
             img, lab = data[f"{s}_images"], data[f"{s}_labels"]
             if img.dtype != np.uint8 or img.ndim not in (3, 4) or (img.ndim == 4 and img.shape[-1] != 3):
-                raise XraylensError(f"{path}: {s}_images is {img.dtype} {list(img.shape)}; expected uint8 "
-                                    "[N,H,W] or [N,H,W,3]")
+                raise XraylensError(
+                    f"{path}: {s}_images is {img.dtype} {list(img.shape)}; expected uint8 [N,H,W] or [N,H,W,3]"
+                )
             if lab.ndim == 2 and lab.shape[1] == 1:
                 lab = lab[:, 0]
-            if lab.ndim != 1 or len(lab) != len(img) or not np.issubdtype(lab.dtype, np.integer) or \
-                    (len(lab) and lab.min() < 0):
-                raise XraylensError(f"{path}: {s}_labels is {lab.dtype} {list(lab.shape)}; expected "
-                                    f"{len(img)} non-negative integer labels ([N] or [N,1]; multi-label is "
-                                    "not supported)")
+            if (
+                lab.ndim != 1
+                or len(lab) != len(img)
+                or not np.issubdtype(lab.dtype, np.integer)
+                or (len(lab) and lab.min() < 0)
+            ):
+                raise XraylensError(
+                    f"{path}: {s}_labels is {lab.dtype} {list(lab.shape)}; expected "
+                    f"{len(img)} non-negative integer labels ([N] or [N,1]; multi-label is "
+                    "not supported)"
+                )
             arrays[normalise_split(s)] = np.ascontiguousarray(_to_grey(img) if img.ndim == 4 else img)
             labels[normalise_split(s)] = lab.astype(np.int64)
     k = int(max((int(v.max()) for v in labels.values() if len(v)), default=0)) + 1
     classes = [str(i) for i in range(k)]
     records = []
     for s in _split_order(arrays):
-        records += [Record(id=f"{path.name}:{s}:{i}", label=int(y), split=s, array_index=i)
-                    for i, y in enumerate(labels[s])]
-    return SourceSet(root=str(path.resolve()), classes=classes, records=records, kind="npz",
-                     split_info={"layout": "npz", "ignored_files": 0}, arrays=arrays)
+        records += [
+            Record(id=f"{path.name}:{s}:{i}", label=int(y), split=s, array_index=i) for i, y in enumerate(labels[s])
+        ]
+    return SourceSet(
+        root=str(path.resolve()),
+        classes=classes,
+        records=records,
+        kind="npz",
+        split_info={"layout": "npz", "ignored_files": 0},
+        arrays=arrays,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- val split
@@ -455,14 +502,20 @@ def _check_carved_split(source: SourceSet, train: list[Record], info: dict[str, 
     in_val = np.bincount([r.label for r in source.records if r.split == "val"], minlength=k)
     lost = [source.classes[c] for c in range(k) if before[c] and not after[c]]
     if lost:
-        raise XraylensError(f"class(es) {lost} have no training images left after the grouped val split (their "
-                            "images sit in groups mostly of other classes); lower val_fraction, change the "
-                            "split seed or check the grouping")
+        raise XraylensError(
+            f"class(es) {lost} have no training images left after the grouped val split (their "
+            "images sit in groups mostly of other classes); lower val_fraction, change the "
+            "split seed or check the grouping"
+        )
     no_val = [source.classes[c] for c in range(k) if before[c] and not in_val[c]]
     if no_val:
         info["classes_without_val"] = no_val
-        log.warning("%d class(es) %s have a single image or group in train and none in the carved val split; "
-                    "their val metrics are missing", len(no_val), no_val)
+        log.warning(
+            "%d class(es) %s have a single image or group in train and none in the carved val split; "
+            "their val metrics are missing",
+            len(no_val),
+            no_val,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -482,13 +535,24 @@ def _summarise_groups(source: SourceSet, by: dict[str, str], what: str) -> None:
     """Record how many groups there are and which images have none (each is then a group of its own)."""
     unmatched = [r.id for r in source.records if r.group is None]
     if len(unmatched) == len(source.records):
-        raise XraylensError(f"{what} gives no group to any of the {len(unmatched)} images (e.g. "
-                            f"{unmatched[0]!r}); fix it or leave grouping unset")
-    source.split_info["groups"] = {**by, "n_groups": len({r.group for r in source.records} - {None}),
-                                   "unmatched": len(unmatched), "examples_unmatched": unmatched[:5]}
+        raise XraylensError(
+            f"{what} gives no group to any of the {len(unmatched)} images (e.g. "
+            f"{unmatched[0]!r}); fix it or leave grouping unset"
+        )
+    source.split_info["groups"] = {
+        **by,
+        "n_groups": len({r.group for r in source.records} - {None}),
+        "unmatched": len(unmatched),
+        "examples_unmatched": unmatched[:5],
+    }
     if unmatched:
-        log.warning("%s gives no group to %d of %d images (e.g. %s); each of them is its own group",
-                    what, len(unmatched), len(source.records), unmatched[0])
+        log.warning(
+            "%s gives no group to %d of %d images (e.g. %s); each of them is its own group",
+            what,
+            len(unmatched),
+            len(source.records),
+            unmatched[0],
+        )
 
 
 def report_leaked_groups(source: SourceSet) -> None:
@@ -502,8 +566,13 @@ def report_leaked_groups(source: SourceSet) -> None:
     names = natural_sorted(leaked)
     source.split_info["leaked_groups"] = {"n": len(names), "groups": {g: leaked[g] for g in names[:MAX_NAMED]}}
     if names:
-        log.warning("%d group(s) appear in more than one split (e.g. %s in %s): held-out figures are optimistic; "
-                    "all counted in split_info['leaked_groups']", len(names), names[0], "/".join(leaked[names[0]]))
+        log.warning(
+            "%d group(s) appear in more than one split (e.g. %s in %s): held-out figures are optimistic; "
+            "all counted in split_info['leaked_groups']",
+            len(names),
+            names[0],
+            "/".join(leaked[names[0]]),
+        )
 
 
 # ------------------------------------------------------------------------------------- unlabelled images
@@ -531,5 +600,6 @@ def load_image_folder(path: str | os.PathLike) -> SourceSet:
     if not images:
         raise XraylensError(f"no image files (.png, .jpg, .dcm, ...) under {p}")
     records = [Record(id=q.relative_to(p).as_posix(), label=0, split="all", path=str(q)) for q in images]
-    return SourceSet(root=str(p), classes=[UNLABELLED], records=records, kind="images",
-                     split_info={"ignored_files": ignored})
+    return SourceSet(
+        root=str(p), classes=[UNLABELLED], records=records, kind="images", split_info={"ignored_files": ignored}
+    )

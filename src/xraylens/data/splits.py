@@ -27,8 +27,7 @@ class SplitRow:
 def write_splits_csv(path: str | os.PathLike, source: SourceSet) -> Path:
     """Write one row per image (its record id), atomically; an image without a group has an empty cell."""
     path = Path(path)
-    write_csv(path, SPLITS_HEADER,
-              ([r.id, r.split, source.classes[r.label], r.group or ""] for r in source.records))
+    write_csv(path, SPLITS_HEADER, ([r.id, r.split, source.classes[r.label], r.group or ""] for r in source.records))
     return path
 
 
@@ -40,16 +39,18 @@ def read_splits_csv(path: str | os.PathLike) -> dict[str, SplitRow]:
     reader = csv.reader(io.StringIO(read_csv_text(path, "splits file"), newline=""))
     header = [h.strip().lower() for h in next(reader, [])]
     if header[: len(SPLITS_HEADER)] != list(SPLITS_HEADER):
-        raise XraylensError(f"splits file {path} has columns {header}; expected {', '.join(SPLITS_HEADER)} "
-                            "(as a run's splits.csv has)")
+        raise XraylensError(
+            f"splits file {path} has columns {header}; expected {', '.join(SPLITS_HEADER)} (as a run's splits.csv has)"
+        )
     rows: dict[str, SplitRow] = {}
     for row in reader:
         if not any(c.strip() for c in row):
             continue
         image, split, label, group = (row + [""] * 4)[:4]
         if image in rows:
-            raise XraylensError(f"splits file {path} line {reader.line_num} repeats image {image!r}; "
-                                "list each image once")
+            raise XraylensError(
+                f"splits file {path} line {reader.line_num} repeats image {image!r}; list each image once"
+            )
         rows[image] = SplitRow(split=split.strip(), label=label.strip(), group=group.strip() or None)
     return rows
 
@@ -65,13 +66,17 @@ def apply_splits(source: SourceSet, splits: str | os.PathLike | dict[str, SplitR
     extra = set(rows) - {r.id for r in source.records}
     if missing or extra:
         first = missing[0] if missing else sorted(extra)[0]
-        raise XraylensError(f"{where} does not match the data: {len(missing)} image(s) not listed, {len(extra)} "
-                            f"listed but absent (e.g. {first!r}); write a new splits.csv for this data")
+        raise XraylensError(
+            f"{where} does not match the data: {len(missing)} image(s) not listed, {len(extra)} "
+            f"listed but absent (e.g. {first!r}); write a new splits.csv for this data"
+        )
     wrong = [r.id for r in source.records if rows[r.id].label != source.classes[r.label]]
     if wrong:
         r0 = rows[wrong[0]]
-        raise XraylensError(f"{where} gives {len(wrong)} image(s) another label (e.g. {wrong[0]!r}: {r0.label!r}); "
-                            "write a new splits.csv for this data")
+        raise XraylensError(
+            f"{where} gives {len(wrong)} image(s) another label (e.g. {wrong[0]!r}: {r0.label!r}); "
+            "write a new splits.csv for this data"
+        )
     records = [replace(r, split=rows[r.id].split, group=rows[r.id].group) for r in source.records]
     info = {k: v for k, v in source.split_info.items() if k not in ("val", "leaked_groups")}
     info["splits_csv"] = "given" if isinstance(splits, dict) else str(Path(splits).resolve())

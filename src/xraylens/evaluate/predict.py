@@ -28,6 +28,12 @@ def predict_files(run: RunLike, paths: list[str | Path], device: str = "auto") -
         x = inputs.to_model(torch.from_numpy(arr)[None, None], run.device)
         probs = class_probabilities(run.model(x))[0].tolist()
         k = int(np.argmax(probs))
-        results.append({"path": str(p), "class": run.classes[k], "probability": probs[k],
-                        "probabilities": dict(zip(run.classes, probs, strict=True))})
+        results.append(
+            {
+                "path": str(p),
+                "class": run.classes[k],
+                "probability": probs[k],
+                "probabilities": dict(zip(run.classes, probs, strict=True)),
+            }
+        )
     return results

@@ -14,33 +14,46 @@ from xraylens.ops import class_probabilities_np
 from xraylens.runs import RunLike, ce_loss, open_run
 
 
-def evaluate_run(run: RunLike, data: str | Path | None = None, split: str = "test", *,
-                 which: str = "best", device: str = "auto", out: str | Path | None = None,
-                 positive: int | None = None, progress: bool = False) -> dict[str, Any]:
+def evaluate_run(
+    run: RunLike,
+    data: str | Path | None = None,
+    split: str = "test",
+    *,
+    which: str = "best",
+    device: str = "auto",
+    out: str | Path | None = None,
+    positive: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Write `metrics-<split>.json` and `predictions-<split>.csv` into `out` (default: the run dir)."""
     run = open_run(run, which=which, device=device)
     classes = run.classes
     source, cached = run.load_split(data, split, progress=progress)
     if source.kind == "images":
-        raise XraylensError(f"{data} is a folder of unlabelled images: evaluate needs class folders "
-                            "(or a CSV manifest); use predict, explain or localize on it")
+        raise XraylensError(
+            f"{data} is a folder of unlabelled images: evaluate needs class folders "
+            "(or a CSV manifest); use predict, explain or localize on it"
+        )
     logits = run.predict_logits(cached)
     probs = class_probabilities_np(logits)
-    metrics = compute_metrics(cached.labels, probs, classes, positive=positive,
-                              loss=ce_loss(logits, cached.labels))
-    metrics.update({
-        "split": split,
-        "data": str(data if data is not None else run.data_path),
-        "n_images": int(len(cached.labels)),
-        "skipped": [{"id": i, "reason": r} for i, r in cached.skipped],
-        "checkpoint": str(run.checkpoint),
-        "epoch": run.epoch,
-    })
+    metrics = compute_metrics(cached.labels, probs, classes, positive=positive, loss=ce_loss(logits, cached.labels))
+    metrics.update(
+        {
+            "split": split,
+            "data": str(data if data is not None else run.data_path),
+            "n_images": int(len(cached.labels)),
+            "skipped": [{"id": i, "reason": r} for i, r in cached.skipped],
+            "checkpoint": str(run.checkpoint),
+            "epoch": run.epoch,
+        }
+    )
     out = Path(out) if out else run.run_dir
     write_json(out / f"metrics-{split}.json", metrics)
     pred = probs.argmax(1)
-    rows = ([i, classes[t], classes[p], f"{probs[n, p]:.6f}", *[f"{v:.6f}" for v in probs[n]]]
-            for n, (i, t, p) in enumerate(zip(cached.ids, cached.labels, pred, strict=True)))
+    rows = (
+        [i, classes[t], classes[p], f"{probs[n, p]:.6f}", *[f"{v:.6f}" for v in probs[n]]]
+        for n, (i, t, p) in enumerate(zip(cached.ids, cached.labels, pred, strict=True))
+    )
     write_csv(out / f"predictions-{split}.csv", ["id", "true", "pred", "prob", *[f"p_{c}" for c in classes]], rows)
     return metrics
 

@@ -237,8 +237,7 @@ class CamEngine:
         self._check_args(x, combine, score)
         if not self._handles:  # not entered: hooks for this call only
             with self:
-                return self(x, methods, targets, labels, combine, score, normalize, output_size,
-                            scorecam_batch_size)
+                return self(x, methods, targets, labels, combine, score, normalize, output_size, scorecam_batch_size)
         device = _model_device(self.model, x)
         x = x.to(device)
         self._need_grad = any(METHODS[m].needs_gradients for m in methods)
@@ -271,8 +270,9 @@ class CamEngine:
             for m in methods:
                 raw[m] = {}
                 for name in self.layers:
-                    ctx = CamContext(self._acts[name], self._grads.get(name), x, self._forward_plain, target,
-                                     scorecam_batch_size)
+                    ctx = CamContext(
+                        self._acts[name], self._grads.get(name), x, self._forward_plain, target, scorecam_batch_size
+                    )
                     raw[m][name] = METHODS[m].compute(ctx).detach().unsqueeze(1)
         finally:
             self._capture = False
@@ -314,8 +314,10 @@ def _resolve_targets(targets: Targets, labels, out: torch.Tensor, score: str) ->
     dev = out.device
     if callable(targets) and not isinstance(targets, torch.Tensor):
         if score != "logit":
-            raise XraylensError(f"score={score!r} applies to class targets; a callable target defines its own "
-                                "score (e.g. ClassTarget(k, prob=True))")
+            raise XraylensError(
+                f"score={score!r} applies to class targets; a callable target defines its own "
+                "score (e.g. ClassTarget(k, prob=True))"
+            )
         if isinstance(targets, ClassTarget):
             tgt = targets.classes(b, dev)
             if out.ndim == 2:
@@ -324,8 +326,10 @@ def _resolve_targets(targets: Targets, labels, out: torch.Tensor, score: str) ->
             tgt = torch.full((b,), -1, device=dev, dtype=torch.long)
         return _checked(targets, b), tgt
     if out.ndim != 2:
-        raise XraylensError(f"the model returned {tuple(out.shape)}, not logits [B, K]; pass a callable target "
-                            "such as xraylens.explain.targets.SegmentationTarget")
+        raise XraylensError(
+            f"the model returned {tuple(out.shape)}, not logits [B, K]; pass a callable target "
+            "such as xraylens.explain.targets.SegmentationTarget"
+        )
     t = _class_indices(targets, labels, out)
     return _checked(ClassTarget(t, prob=score == "prob"), b), t
 
@@ -388,8 +392,13 @@ def _combine(
     return torch.where(const[:, None, None, None], 0.0, out), const
 
 
-def explain(model: nn.Module, x: torch.Tensor, methods: Sequence[str] | str = ("gradcam",),
-            layers: Sequence[str] | str | None = None, **kw) -> CamResult:
+def explain(
+    model: nn.Module,
+    x: torch.Tensor,
+    methods: Sequence[str] | str = ("gradcam",),
+    layers: Sequence[str] | str | None = None,
+    **kw,
+) -> CamResult:
     """One-shot convenience: ``CamEngine(model, layers)(x, methods, **kw)`` with hooks released after."""
     with CamEngine(model, layers) as engine:
         return engine(x, methods, **kw)

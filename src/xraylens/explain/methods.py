@@ -130,14 +130,14 @@ def scorecam(
     for lo in range(0, c, per_fwd):  # loop over chunks of channels only
         n = min(per_fwd, c - lo)
         # channel-major rows: row j*b + i is image i masked by its channel lo + j
-        m = a[:, lo:lo + n].transpose(0, 1).reshape(n * b, 1, h, w)
+        m = a[:, lo : lo + n].transpose(0, 1).reshape(n * b, 1, h, w)
         m = F.interpolate(m.to(x.dtype), size=size, mode="bilinear", align_corners=True)
         m_lo = m.amin(dim=(2, 3), keepdim=True)
         m_hi = m.amax(dim=(2, 3), keepdim=True)
         m = (m - m_lo) / (m_hi - m_lo + 1e-8)
         out = forward(x.repeat(n, *([1] * (x.ndim - 1))) * m)
         for j in range(n):
-            scores[lo + j] = target(out[j * b:(j + 1) * b]).float()
+            scores[lo + j] = target(out[j * b : (j + 1) * b]).float()
     weights = torch.softmax(scores.t(), dim=1).to(a.dtype)
     return torch.relu((weights[:, :, None, None] * a).sum(dim=1))
 
@@ -200,16 +200,31 @@ _RECORDS = [
     CamMethod("xgradcam", xgradcam, summary="XGrad-CAM: activation-normalised gradient weights"),
     CamMethod("layercam", layercam, summary="LayerCAM: positive gradients x activations per position"),
     CamMethod("hirescam", hirescam, summary="HiResCAM: gradients x activations, summed over channels"),
-    CamMethod("eigencam", eigencam, needs_gradients=False,
-              summary="Eigen-CAM: first principal component of the activations (no gradients, no target)"),
-    CamMethod("normgrad-scaling", normgrad_scaling, default_combine="product",
-              summary="NormGrad, virtual per-channel scaling layer"),
-    CamMethod("normgrad-conv1x1", normgrad_conv1x1, default_combine="product",
-              summary="NormGrad, virtual 1x1 convolution"),
-    CamMethod("normgrad-conv3x3", normgrad_conv3x3, default_combine="product",
-              summary="NormGrad, virtual 3x3 convolution"),
-    CamMethod("scorecam", _scorecam_ctx, needs_gradients=False, extra_forward=True,
-              summary="Score-CAM: one masked forward pass per channel (slow)"),
+    CamMethod(
+        "eigencam",
+        eigencam,
+        needs_gradients=False,
+        summary="Eigen-CAM: first principal component of the activations (no gradients, no target)",
+    ),
+    CamMethod(
+        "normgrad-scaling",
+        normgrad_scaling,
+        default_combine="product",
+        summary="NormGrad, virtual per-channel scaling layer",
+    ),
+    CamMethod(
+        "normgrad-conv1x1", normgrad_conv1x1, default_combine="product", summary="NormGrad, virtual 1x1 convolution"
+    ),
+    CamMethod(
+        "normgrad-conv3x3", normgrad_conv3x3, default_combine="product", summary="NormGrad, virtual 3x3 convolution"
+    ),
+    CamMethod(
+        "scorecam",
+        _scorecam_ctx,
+        needs_gradients=False,
+        extra_forward=True,
+        summary="Score-CAM: one masked forward pass per channel (slow)",
+    ),
 ]
 
 METHODS: dict[str, CamMethod] = {m.name: m for m in _RECORDS}

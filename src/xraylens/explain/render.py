@@ -71,8 +71,9 @@ def overlay(grey: Any, cam: Any, cmap: str = "jet", alpha: float = 0.4) -> np.nd
     return np.clip((1.0 - alpha) * base + alpha * heat, 0, 255).round().astype(np.uint8)
 
 
-def side_by_side(grey: Any, cams: Any | Sequence[Any], cmap: str = "jet", alpha: float = 0.4,
-                 gap: int = 4) -> np.ndarray:
+def side_by_side(
+    grey: Any, cams: Any | Sequence[Any], cmap: str = "jet", alpha: float = 0.4, gap: int = 4
+) -> np.ndarray:
     """The image, then one overlay per CAM, left to right with a white gap: uint8 [H, W', 3]."""
     g = _grey(grey)
     cam_list = list(cams) if isinstance(cams, (list, tuple)) else [cams]
@@ -229,9 +230,12 @@ def write_index_csv(path: str | os.PathLike, ids: Sequence[str], columns: Mappin
 
     Typical columns: true, pred, prob, method, file (relative PNG path), constant.
     """
-    cols = {k: [v.item() if hasattr(v, "item") else v for v in _np(c).reshape(-1)]
-            if hasattr(c, "detach") or isinstance(c, np.ndarray) else list(c)
-            for k, c in (columns or {}).items()}
+    cols = {
+        k: [v.item() if hasattr(v, "item") else v for v in _np(c).reshape(-1)]
+        if hasattr(c, "detach") or isinstance(c, np.ndarray)
+        else list(c)
+        for k, c in (columns or {}).items()
+    }
     for k, c in cols.items():
         if len(c) != len(ids):
             raise XraylensError(f"column {k!r} has {len(c)} values for {len(ids)} ids; pass one per id")
@@ -239,8 +243,15 @@ def write_index_csv(path: str | os.PathLike, ids: Sequence[str], columns: Mappin
     write_csv(path, ["id", *cols], rows)
 
 
-def save_marked(path: str | os.PathLike, grey: np.ndarray, cam: np.ndarray, mask: np.ndarray, peak: tuple[int, int],
-                 radius_xy: tuple[float, float], min_side: int = 320) -> None:
+def save_marked(
+    path: str | os.PathLike,
+    grey: np.ndarray,
+    cam: np.ndarray,
+    mask: np.ndarray,
+    peak: tuple[int, int],
+    radius_xy: tuple[float, float],
+    min_side: int = 320,
+) -> None:
     """The CAM overlay with the annotation outline (green), the peak (red cross) and the pointing
     game's tolerance (red ellipse), zoomed with nearest-neighbour to at least `min_side` pixels."""
     from PIL import Image, ImageDraw

@@ -53,8 +53,9 @@ def parse_target(target: str | int, classes: Sequence[str]) -> str | int:
 
 def check_target(target: str | int, labelled: bool) -> None:
     if target == "true" and not labelled:
-        raise XraylensError("--target true needs labelled data (class folders); these images have no labels: "
-                            "use pred or a class")
+        raise XraylensError(
+            "--target true needs labelled data (class folders); these images have no labels: use pred or a class"
+        )
 
 
 def check_positive(**values: int | None) -> None:
@@ -64,8 +65,14 @@ def check_positive(**values: int | None) -> None:
             raise XraylensError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
 
 
-def check_cam_settings(run: Run, layers: Sequence[str] | None, combine: str | None, score: str,
-                       target: str | int, data: str | Path | None = None) -> None:
+def check_cam_settings(
+    run: Run,
+    layers: Sequence[str] | None,
+    combine: str | None,
+    score: str,
+    target: str | int,
+    data: str | Path | None = None,
+) -> None:
     """Layer names, --combine, --score and --target checked against the model and the data before any
     image is decoded (a typo should not cost minutes of decoding)."""
     check_options(combine, score)
@@ -81,27 +88,51 @@ def pick_indices(n: int, limit: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
 
 
-def iter_cams(run: Run, cached, indices: np.ndarray, methods: list[str], *, layers: list[str] | None = None,
-              combine: str | None = None, target: str | int = "pred", score: str = "logit",
-              batch_size: int = 16) -> Iterator[tuple[np.ndarray, torch.Tensor, CamResult]]:
+def iter_cams(
+    run: Run,
+    cached,
+    indices: np.ndarray,
+    methods: list[str],
+    *,
+    layers: list[str] | None = None,
+    combine: str | None = None,
+    target: str | int = "pred",
+    score: str = "logit",
+    batch_size: int = 16,
+) -> Iterator[tuple[np.ndarray, torch.Tensor, CamResult]]:
     """Yield (cache indices, model input, CamResult) per batch; maps stay on the run's device."""
     targets = parse_target(target, run.classes)
     inputs = run.inputs
     with CamEngine(run.model, layers) as engine:
         for lo in range(0, len(indices), batch_size):
-            idx = indices[lo:lo + batch_size]
+            idx = indices[lo : lo + batch_size]
             x = inputs.to_model(torch.from_numpy(cached.images[idx])[:, None], run.device)
             labels = torch.from_numpy(cached.labels[idx]).to(run.device)
             res = engine(x, methods, targets=targets, labels=labels, combine=combine, score=score)
             yield idx, x, res
 
 
-def explain_run(run: RunLike, data: str | Path | None = None, split: str = "test", *,
-                methods: str | Sequence[str] = ("gradcam",), layers: Sequence[str] | None = None,
-                combine: str | None = None, target: str | int = "pred", score: str = "logit",
-                out: str | Path | None = None, device: str = "auto", limit: int | None = None,
-                batch_size: int = 16, overlays: int = 16, grid: int = 36, blank_wrong: bool = False,
-                cmap: str = "jet", alpha: float = 0.4, which: str = "best") -> ExplainSummary:
+def explain_run(
+    run: RunLike,
+    data: str | Path | None = None,
+    split: str = "test",
+    *,
+    methods: str | Sequence[str] = ("gradcam",),
+    layers: Sequence[str] | None = None,
+    combine: str | None = None,
+    target: str | int = "pred",
+    score: str = "logit",
+    out: str | Path | None = None,
+    device: str = "auto",
+    limit: int | None = None,
+    batch_size: int = 16,
+    overlays: int = 16,
+    grid: int = 36,
+    blank_wrong: bool = False,
+    cmap: str = "jet",
+    alpha: float = 0.4,
+    which: str = "best",
+) -> ExplainSummary:
     """Explain a split: maps.npz, index.csv, grid_<method>.png and overlays/<method>/*.png in `out`.
 
     Images without a label (a plain folder) have no true class: `true` is left empty in index.csv and
@@ -123,8 +154,17 @@ def explain_run(run: RunLike, data: str | Path | None = None, split: str = "test
     raw: dict[str, list[np.ndarray]] = {}
     constant: dict[str, list[np.ndarray]] = {m: [] for m in method_list}
     targets, preds, probs = [], [], []
-    for _, _, res in iter_cams(run, cached, indices, method_list, layers=list(layers) if layers else None,
-                               combine=combine, target=target, score=score, batch_size=batch_size):
+    for _, _, res in iter_cams(
+        run,
+        cached,
+        indices,
+        method_list,
+        layers=list(layers) if layers else None,
+        combine=combine,
+        target=target,
+        score=score,
+        batch_size=batch_size,
+    ):
         for m in method_list:
             maps[m].append(res.maps[m][:, 0].half().cpu().numpy())
             constant[m].append(res.constant[m].cpu().numpy())
@@ -143,8 +183,10 @@ def explain_run(run: RunLike, data: str | Path | None = None, split: str = "test
     render.save_maps_npz(maps_path, ids, {**stacked, **{k: np.concatenate(v) for k, v in raw.items()}})
 
     columns: dict[str, object] = {
-        "true": [run.classes[t] if labelled else "" for t in true], "pred": [run.classes[p] for p in pred],
-        "prob": np.round(prob, 6), "target": [run.classes[t] for t in np.concatenate(targets)],
+        "true": [run.classes[t] if labelled else "" for t in true],
+        "pred": [run.classes[p] for p in pred],
+        "prob": np.round(prob, 6),
+        "target": [run.classes[t] for t in np.concatenate(targets)],
     }
     columns.update({f"constant_{m}": flags[m].astype(int) for m in method_list})
     grey = cached.images[indices]
@@ -167,13 +209,22 @@ def explain_run(run: RunLike, data: str | Path | None = None, split: str = "test
         g_idx = pick_indices(len(ids), n_grid)
         for m in method_list:
             path = out / f"grid_{safe_name(m)}.png"
-            render.cam_grid(grey[g_idx], stacked[m][g_idx].astype(np.float32),
-                            true=true[g_idx] if labelled else None, pred=pred[g_idx],
-                            probs=prob[g_idx], class_names=run.classes, blank_wrong=blank_wrong, cmap=cmap,
-                            alpha=alpha, path=path)
+            render.cam_grid(
+                grey[g_idx],
+                stacked[m][g_idx].astype(np.float32),
+                true=true[g_idx] if labelled else None,
+                pred=pred[g_idx],
+                probs=prob[g_idx],
+                class_names=run.classes,
+                blank_wrong=blank_wrong,
+                cmap=cmap,
+                alpha=alpha,
+                path=path,
+            )
             grids.append(path)
-    return ExplainSummary(out, len(ids), method_list, grids, maps_path, index_path,
-                          {m: int(flags[m].sum()) for m in method_list})
+    return ExplainSummary(
+        out, len(ids), method_list, grids, maps_path, index_path, {m: int(flags[m].sum()) for m in method_list}
+    )
 
 
 def safe_name(name: str) -> str:

@@ -97,8 +97,10 @@ class SegmentationTarget:
         if not 0 <= self.class_index < k:
             raise XraylensError(f"class_index {self.class_index} is out of range for {k} output channels")
         if tuple(self.mask.shape[-2:]) != (h, w) or (self.mask.ndim == 3 and self.mask.shape[0] != b):
-            raise XraylensError(f"mask {tuple(self.mask.shape)} does not fit outputs {tuple(output.shape)}; "
-                                "give [H,W] or [B,H,W] at the output's resolution")
+            raise XraylensError(
+                f"mask {tuple(self.mask.shape)} does not fit outputs {tuple(output.shape)}; "
+                "give [H,W] or [B,H,W] at the output's resolution"
+            )
         if self.mask.device != output.device or self.mask.dtype != output.dtype:
             self.mask = self.mask.to(device=output.device, dtype=output.dtype)  # once, not once per call
         m = self.mask

@@ -76,13 +76,31 @@ class LocalizeSummary:
     skipped_rows: list[tuple[Any, str]] = field(default_factory=list)
 
 
-def localize_run(run: RunLike, *, annotations: str | Path, fmt: str, data: str | Path | None = None,
-                 split: str = "test", methods: str | Sequence[str] = ("gradcam",), layers: Sequence[str] | None = None,
-                 combine: str | None = None, target: str | int = "pred", tolerance: float = 15.0,
-                 smooth: float = 0.0, percentile: float = 90.0, label: str | None = None,
-                 faithfulness: bool = False, steps: int = 20, skip_bad: bool = False, out: str | Path | None = None,
-                 device: str = "auto", batch_size: int = 16, which: str = "best", seed: int = 0,
-                 ref_size: tuple[float, float] | None = None) -> LocalizeSummary:
+def localize_run(
+    run: RunLike,
+    *,
+    annotations: str | Path,
+    fmt: str,
+    data: str | Path | None = None,
+    split: str = "test",
+    methods: str | Sequence[str] = ("gradcam",),
+    layers: Sequence[str] | None = None,
+    combine: str | None = None,
+    target: str | int = "pred",
+    tolerance: float = 15.0,
+    smooth: float = 0.0,
+    percentile: float = 90.0,
+    label: str | None = None,
+    faithfulness: bool = False,
+    steps: int = 20,
+    skip_bad: bool = False,
+    out: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    which: str = "best",
+    seed: int = 0,
+    ref_size: tuple[float, float] | None = None,
+) -> LocalizeSummary:
     """Localisation metrics of a run's CAMs on annotated images; writes localization*.csv/json to `out`.
 
     `ref_size` (width, height): the image size the annotation coordinates refer to, when the image
@@ -100,16 +118,26 @@ def localize_run(run: RunLike, *, annotations: str | Path, fmt: str, data: str |
     keys = ann.match_keys(cached.ids, annots)
     indices = np.array([i for i, k in enumerate(keys) if k is not None], dtype=np.int64)
     if len(indices) == 0:
-        raise XraylensError(f"none of the {len(keys)} images (e.g. {cached.ids[0]!r}) appear in {annotations} "
-                            f"(keys like {next(iter(annots), '?')!r}); check --data/--split and the file")
+        raise XraylensError(
+            f"none of the {len(keys)} images (e.g. {cached.ids[0]!r}) appear in {annotations} "
+            f"(keys like {next(iter(annots), '?')!r}); check --data/--split and the file"
+        )
 
     names = [*method_list, *BASELINES]
     rows: list[ImageResult] = []
     hits: dict[str, list[np.ndarray]] = {m: [] for m in names}
     classes_seen: list[str] = []
     n_annotated = 0
-    for idx, x, res in iter_cams(run, cached, indices, method_list, layers=list(layers) if layers else None,
-                                 combine=combine, target=target, batch_size=batch_size):
+    for idx, x, res in iter_cams(
+        run,
+        cached,
+        indices,
+        method_list,
+        layers=list(layers) if layers else None,
+        combine=combine,
+        target=target,
+        batch_size=batch_size,
+    ):
         dev = x.device
         geoms = [cached.geometry[i] for i in idx]
         shapes = ann.shapes_on_images([keys[i] for i in idx], annots, geoms, label, ref_size)
@@ -138,12 +166,24 @@ def localize_run(run: RunLike, *, annotations: str | Path, fmt: str, data: str |
             for j, i in enumerate(idx):
                 # peak pixel centre (col + .5, row + .5) back to original-image (x, y)
                 px, py = geoms[j].to_original(np.array([peaks[j, 1] + 0.5, peaks[j, 0] + 0.5]))
-                rows.append(ImageResult(
-                    image=cached.ids[i], cls=cls[j], method=m, hit=_v(pg.hit[j]), hit_all=_v(pg.hit_all[j]),
-                    distance=_v(pg.distance[j]), peak_x=round(float(px), 2), peak_y=round(float(py), 2),
-                    energy=_v(energy[j]), iou=_v(iou[j]), mask_ratio=_v(ratio[j]) if ratio is not None else None,
-                    constant=bool(pg.constant[j]), deletion_auc=_v(dele[j]) if dele is not None else None,
-                    insertion_auc=_v(ins[j]) if ins is not None else None))
+                rows.append(
+                    ImageResult(
+                        image=cached.ids[i],
+                        cls=cls[j],
+                        method=m,
+                        hit=_v(pg.hit[j]),
+                        hit_all=_v(pg.hit_all[j]),
+                        distance=_v(pg.distance[j]),
+                        peak_x=round(float(px), 2),
+                        peak_y=round(float(py), 2),
+                        energy=_v(energy[j]),
+                        iou=_v(iou[j]),
+                        mask_ratio=_v(ratio[j]) if ratio is not None else None,
+                        constant=bool(pg.constant[j]),
+                        deletion_auc=_v(dele[j]) if dele is not None else None,
+                        insertion_auc=_v(ins[j]) if ins is not None else None,
+                    )
+                )
 
     out = Path(out) if out else run.run_dir
     csv_path = out / "localization.csv"
@@ -155,20 +195,30 @@ def localize_run(run: RunLike, *, annotations: str | Path, fmt: str, data: str |
     means = _means(rows)
     overall = {r.method: r.mean for r in agg if r.cls == "all"}
     summary = {
-        "run": str(run.run_dir), "annotations": str(annotations), "format": fmt, "split": split if labelled else "all",
-        "tolerance": tolerance, "smooth": smooth, "percentile": percentile, "target": str(target),
+        "run": str(run.run_dir),
+        "annotations": str(annotations),
+        "format": fmt,
+        "split": split if labelled else "all",
+        "tolerance": tolerance,
+        "smooth": smooth,
+        "percentile": percentile,
+        "target": str(target),
         "annotation_size": list(ref_size) if ref_size else None,
-        "n_images": int(len(indices)), "n_annotated": n_annotated,
+        "n_images": int(len(indices)),
+        "n_annotated": n_annotated,
         "skipped_annotation_rows": [{"row": r, "reason": why} for r, why in annots.skipped],
         "dropped_shapes": [{"image": k, "count": n, "reason": why} for k, (n, why) in annots.dropped.items()],
-        "pointing_game": {m: {r.cls: {"accuracy": r.mean, "n": r.n, "n_skipped": r.n_skipped}
-                              for r in agg if r.method == m} for m in names},
+        "pointing_game": {
+            m: {r.cls: {"accuracy": r.mean, "n": r.n, "n_skipped": r.n_skipped} for r in agg if r.method == m}
+            for m in names
+        },
         "means": means,
     }
     summary_path = out / "localization_summary.json"
     write_json(summary_path, _finite(summary))
-    return LocalizeSummary(out, int(len(indices)), n_annotated, tolerance, overall, csv_path, summary_path,
-                           list(annots.skipped))
+    return LocalizeSummary(
+        out, int(len(indices)), n_annotated, tolerance, overall, csv_path, summary_path, list(annots.skipped)
+    )
 
 
 def _class_of(run, cached, i: int, labelled: bool, a) -> str:
@@ -218,12 +268,24 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def localize_image(run: RunLike, image: str | Path, *, annotations: str | Path, fmt: str,
-                   methods: str | Sequence[str] = ("gradcam",), layers: Sequence[str] | None = None,
-                   combine: str | None = None, target: str | int = "pred", tolerance: float = 15.0,
-                   smooth: float = 0.0, label: str | None = None, out: str | Path | None = None,
-                   device: str = "auto", which: str = "best",
-                   ref_size: tuple[float, float] | None = None) -> list[dict[str, Any]]:
+def localize_image(
+    run: RunLike,
+    image: str | Path,
+    *,
+    annotations: str | Path,
+    fmt: str,
+    methods: str | Sequence[str] = ("gradcam",),
+    layers: Sequence[str] | None = None,
+    combine: str | None = None,
+    target: str | int = "pred",
+    tolerance: float = 15.0,
+    smooth: float = 0.0,
+    label: str | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    which: str = "best",
+    ref_size: tuple[float, float] | None = None,
+) -> list[dict[str, Any]]:
     """One image: pointing game per method, and an overlay PNG with the annotation (green), the peak
     (red cross) and the tolerance disc (red ellipse on the input grid) for each method."""
     from xraylens.explain.engine import CamEngine
@@ -253,19 +315,33 @@ def localize_image(run: RunLike, image: str | Path, *, annotations: str | Path, 
     results = []
     prob = class_probabilities(res.logits)[0]
     for m in method_list:
-        pg = loc.pointing_game(res.maps[m], instance_masks=inst, tolerance=tolerance, scale=scale,
-                               smooth_sigma=smooth)
+        pg = loc.pointing_game(res.maps[m], instance_masks=inst, tolerance=tolerance, scale=scale, smooth_sigma=smooth)
         r, c = (int(v) for v in pg.peak[0].tolist())
         px, py = geom.to_original(np.array([c + 0.5, r + 0.5]))
         png = out / f"{safe_name(image.stem)}_{safe_name(m)}.png"
-        render.save_marked(png, arr, res.maps[m][0, 0].float().cpu().numpy(), inst.any(1)[0].cpu().numpy(), (r, c),
-                     (tolerance * geom.scale_x, tolerance * geom.scale_y))
+        render.save_marked(
+            png,
+            arr,
+            res.maps[m][0, 0].float().cpu().numpy(),
+            inst.any(1)[0].cpu().numpy(),
+            (r, c),
+            (tolerance * geom.scale_x, tolerance * geom.scale_y),
+        )
         hit = float(pg.hit[0])
-        results.append({"image": str(image), "method": m, "target": run.classes[int(res.targets[0])],
-                        "probability": float(prob[int(res.targets[0])]),
-                        "hit": None if math.isnan(hit) else bool(hit), "skipped": bool(pg.skipped[0]),
-                        "distance": float(pg.distance[0]), "peak_xy": [round(float(px), 2), round(float(py), 2)],
-                        "constant": bool(pg.constant[0]), "overlay": str(png)})
+        results.append(
+            {
+                "image": str(image),
+                "method": m,
+                "target": run.classes[int(res.targets[0])],
+                "probability": float(prob[int(res.targets[0])]),
+                "hit": None if math.isnan(hit) else bool(hit),
+                "skipped": bool(pg.skipped[0]),
+                "distance": float(pg.distance[0]),
+                "peak_xy": [round(float(px), 2), round(float(py), 2)],
+                "constant": bool(pg.constant[0]),
+                "overlay": str(png),
+            }
+        )
     return results
 
 

@@ -64,8 +64,16 @@ class TinyVGG(nn.Module):
         return self.classifier(self.dropout(self.flatten(x)))
 
 
-def _build(name: str, num_classes: int, in_chans: int, drop_rate: float, image_size: int | tuple[int, int],
-           hidden_units: int, batch_norm: bool, kw: dict) -> tuple[nn.Module, Arch]:
+def _build(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    drop_rate: float,
+    image_size: int | tuple[int, int],
+    hidden_units: int,
+    batch_norm: bool,
+    kw: dict,
+) -> tuple[nn.Module, Arch]:
     if kw:
         raise XraylensError(f"{name} does not take {', '.join(kw)}; it takes hidden_units")
     model = TinyVGG(num_classes, in_chans, hidden_units, image_size, drop_rate, batch_norm=batch_norm)
@@ -74,14 +82,26 @@ def _build(name: str, num_classes: int, in_chans: int, drop_rate: float, image_s
 
 
 @register_model
-def tinyvgg(num_classes: int, in_chans: int = 1, drop_rate: float = 0.0, image_size: int | tuple[int, int] = 224,
-            hidden_units: int = 10, **kw: object) -> tuple[nn.Module, Arch]:
+def tinyvgg(
+    num_classes: int,
+    in_chans: int = 1,
+    drop_rate: float = 0.0,
+    image_size: int | tuple[int, int] = 224,
+    hidden_units: int = 10,
+    **kw: object,
+) -> tuple[nn.Module, Arch]:
     return _build("tinyvgg", num_classes, in_chans, drop_rate, image_size, hidden_units, False, kw)
 
 
 @register_model
-def tinyvgg_bn(num_classes: int, in_chans: int = 1, drop_rate: float = 0.0, image_size: int | tuple[int, int] = 224,
-               hidden_units: int = 16, **kw: object) -> tuple[nn.Module, Arch]:
+def tinyvgg_bn(
+    num_classes: int,
+    in_chans: int = 1,
+    drop_rate: float = 0.0,
+    image_size: int | tuple[int, int] = 224,
+    hidden_units: int = 16,
+    **kw: object,
+) -> tuple[nn.Module, Arch]:
     """TinyVGG with BatchNorm after each conv: the same layout and CAM layer, but it trains in a few
     epochs where plain TinyVGG stalls at chance for ~20 (measured on the phantom); the demo's model."""
     return _build("tinyvgg_bn", num_classes, in_chans, drop_rate, image_size, hidden_units, True, kw)

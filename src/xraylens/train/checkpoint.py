@@ -17,9 +17,16 @@ from xraylens.io import torch_save
 from xraylens.runs import CHECKPOINT_FORMAT
 
 
-def save_checkpoint(path: str | Path, *, model: nn.Module, config: RunConfig, epoch: int,
-                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    state: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    config: RunConfig,
+    epoch: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    state: dict[str, Any] | None = None,
+) -> None:
     """`epoch` is the number of completed epochs; `state` carries history, best score, counters."""
     torch_save(
         {

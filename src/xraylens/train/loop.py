@@ -37,8 +37,20 @@ from xraylens.train.losses import build_loss, loss_key
 
 log = logging.getLogger("xraylens.train")
 
-HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "val_qwk", "val_auc",
-                "val_sensitivity", "val_specificity", "score", "lr", "seconds")
+HISTORY_KEYS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_f1",
+    "val_qwk",
+    "val_auc",
+    "val_sensitivity",
+    "val_specificity",
+    "score",
+    "lr",
+    "seconds",
+)
 
 
 @dataclass
@@ -152,8 +164,9 @@ def resume_config(out: str | Path, changes: dict[str, Any] | None = None) -> Run
     refused = [k for k in given if k not in RESUMABLE]
     if refused:
         drop = ", ".join(map(flag_name, sorted(refused)))
-        raise XraylensError(f"--resume continues {out} with its saved config; drop {drop} (only the epoch count "
-                            "may change)")
+        raise XraylensError(
+            f"--resume continues {out} with its saved config; drop {drop} (only the epoch count may change)"
+        )
     cfg.apply(given)
     if cfg.train.epochs < int(ckpt["epoch"]):
         raise XraylensError(f"--epochs {cfg.train.epochs} is below the {ckpt['epoch']} epochs already done")
@@ -175,23 +188,36 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 def load_data(cfg: RunConfig, progress: bool = False):
     """Source, cached train/val splits and the data report, through the one data path."""
     d = cfg.data
-    source = load_source(d.path, val_fraction=d.val_fraction, seed=d.split_seed, group_pattern=d.group_pattern,
-                         group_column=d.group_column)
+    source = load_source(
+        d.path,
+        val_fraction=d.val_fraction,
+        seed=d.split_seed,
+        group_pattern=d.group_pattern,
+        group_column=d.group_column,
+    )
     train = cached_split(cfg, source, d.train_split, progress=progress)
     val = cached_split(cfg, source, d.val_split, progress=progress)
     for name, c in ((d.train_split, train), (d.val_split, val)):
         if c.skipped:
             first_id, why = c.skipped[0]
-            log.warning("%s: %d unreadable file(s) skipped (first: %s: %s); all listed in data_report.json",
-                        name, len(c.skipped), first_id, why)
+            log.warning(
+                "%s: %d unreadable file(s) skipped (first: %s: %s); all listed in data_report.json",
+                name,
+                len(c.skipped),
+                first_id,
+                why,
+            )
     report = {
         "source": str(d.path),
         "kind": source.kind,
         "classes": list(source.classes),
         "split_info": source.split_info,
         "splits": {
-            name: {"n": int(len(c.labels)), "per_class": np.bincount(c.labels, minlength=len(source.classes)).tolist(),
-                   "skipped": [{"id": i, "reason": r} for i, r in c.skipped]}
+            name: {
+                "n": int(len(c.labels)),
+                "per_class": np.bincount(c.labels, minlength=len(source.classes)).tolist(),
+                "skipped": [{"id": i, "reason": r} for i, r in c.skipped],
+            }
             for name, c in ((d.train_split, train), (d.val_split, val))
         },
     }
@@ -204,8 +230,14 @@ def load_data(cfg: RunConfig, progress: bool = False):
     return source, train, val, report
 
 
-def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progress: bool = True,
-          stop_after_batches: int | None = None) -> TrainResult:
+def train(
+    cfg: RunConfig | None,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after_batches: int | None = None,
+) -> TrainResult:
     """Train a model as `cfg` says, writing the run directory `out`.
 
     With `resume`, the run continues with the config saved in its checkpoint; `cfg` may be None, and
@@ -236,8 +268,9 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, progr
         raise
 
 
-def _train_locked(cfg: RunConfig, out: Path, resume: bool, progress: bool,
-                  stop_after_batches: int | None) -> TrainResult:
+def _train_locked(
+    cfg: RunConfig, out: Path, resume: bool, progress: bool, stop_after_batches: int | None
+) -> TrainResult:
     # re-read under the lock: another process may have started or finished a run here meanwhile
     resume_from = prepare_run_dir(out, resume)
     ckpt = read_checkpoint(resume_from) if resume_from is not None else None
@@ -253,23 +286,38 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, progress: bool,
         raise XraylensError(f"need at least 2 classes, found {cfg.classes} in {cfg.data.path}")
 
     counts = np.bincount(train_c.labels, minlength=k)
-    log.info("%s: %d classes %s; train %d images (%s), %s %d; model %s on %s", cfg.data.path, k, cfg.classes,
-             len(train_c.labels), ", ".join(f"{c}={n}" for c, n in zip(cfg.classes, counts, strict=True)),
-             cfg.data.val_split, len(val_c.labels), cfg.model.name, device)
+    log.info(
+        "%s: %d classes %s; train %d images (%s), %s %d; model %s on %s",
+        cfg.data.path,
+        k,
+        cfg.classes,
+        len(train_c.labels),
+        ", ".join(f"{c}={n}" for c, n in zip(cfg.classes, counts, strict=True)),
+        cfg.data.val_split,
+        len(val_c.labels),
+        cfg.model.name,
+        device,
+    )
     model = build_model(cfg, weights=ckpt is None).to(device)
     use_cl = cfg.train.channels_last and device.type == "cuda"
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
     class_counts = counts.tolist()
-    loss_fn = build_loss(cfg.train.loss, k, class_counts=class_counts, gamma=cfg.train.focal_gamma,
-                         alpha=cfg.train.focal_alpha).to(device)
+    loss_fn = build_loss(
+        cfg.train.loss, k, class_counts=class_counts, gamma=cfg.train.focal_gamma, alpha=cfg.train.focal_alpha
+    ).to(device)
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg)
     augment = GpuAugment.from_names(cfg.data.augment, p=cfg.data.augment_p).to(device)
     select = metric_selector(cfg.train.select)
 
-    state: dict[str, Any] = {"history": [], "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0,
-                             "class_counts": class_counts}
+    state: dict[str, Any] = {
+        "history": [],
+        "best_score": -math.inf,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "class_counts": class_counts,
+    }
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -281,8 +329,9 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, progress: bool,
             sched.load_state_dict(ckpt["scheduler"])
             _stretch_cosine(sched, opt, cfg.train.epochs, start_epoch)
         if start_epoch >= cfg.train.epochs:
-            log.info("%s already finished %d/%d epochs; pass --epochs N to extend it", out, start_epoch,
-                     cfg.train.epochs)
+            log.info(
+                "%s already finished %d/%d epochs; pass --epochs N to extend it", out, start_epoch, cfg.train.epochs
+            )
         else:
             log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, cfg.train.epochs)
 
@@ -293,8 +342,9 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, progress: bool,
     _write_history(out, state["history"])
     tb = _tensorboard(out, purge_step=start_epoch + 1)
 
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.amp
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()
+    )
     inputs = InputSettings.from_config(cfg)
     steps_done = 0
     val_metrics: dict[str, Any] = {}
@@ -306,12 +356,23 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, progress: bool,
             total, n_seen = 0.0, 0
             # drop a ragged last batch (a batch of 1 breaks BatchNorm) unless the split is that small
             drop_last = len(train_c.labels) > cfg.train.batch_size
-            batches = iterate_batches(train_c, cfg.train.batch_size, shuffle=True, balanced=cfg.data.balanced,
-                                      seed=cfg.train.seed, epoch=epoch, drop_last=drop_last)
-            n_images = _n_batches(len(train_c.labels), cfg.train.batch_size) * cfg.train.batch_size if drop_last \
+            batches = iterate_batches(
+                train_c,
+                cfg.train.batch_size,
+                shuffle=True,
+                balanced=cfg.data.balanced,
+                seed=cfg.train.seed,
+                epoch=epoch,
+                drop_last=drop_last,
+            )
+            n_images = (
+                _n_batches(len(train_c.labels), cfg.train.batch_size) * cfg.train.batch_size
+                if drop_last
                 else len(train_c.labels)
-            with progress_bar(progress, f"epoch {epoch + 1}/{cfg.train.epochs}", n_images, show_loss=True,
-                              unit="img") as advance:
+            )
+            with progress_bar(
+                progress, f"epoch {epoch + 1}/{cfg.train.epochs}", n_images, show_loss=True, unit="img"
+            ) as advance:
                 for x, y, _ in batches:
                     xin = inputs.to_model(x, device, channels_last=use_cl)
                     y = y.to(device, non_blocking=True)
@@ -335,16 +396,25 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, progress: bool,
             sched.step()
 
             logits = predict_logits(model, val_c, inputs, device, cfg.train.eval_batch_size)
-            val_metrics = compute_metrics(val_c.labels, class_probabilities_np(logits), cfg.classes,
-                                          loss=ce_loss(logits, val_c.labels))
+            val_metrics = compute_metrics(
+                val_c.labels, class_probabilities_np(logits), cfg.classes, loss=ce_loss(logits, val_c.labels)
+            )
             # NaN / +inf is an error naming the expression; -inf (undefined metric) is "never preferred"
             score = checked_score(select, val_metrics, epoch=epoch + 1)
-            row = {"epoch": epoch + 1, "train_loss": total / max(1, n_seen), "val_loss": val_metrics.get("loss"),
-                   "val_accuracy": val_metrics.get("accuracy"), "val_f1": val_metrics.get("f1_weighted"),
-                   "val_qwk": val_metrics.get("qwk"), "val_auc": val_metrics.get("auc"),
-                   "val_sensitivity": val_metrics.get("sensitivity"),
-                   "val_specificity": val_metrics.get("specificity"), "score": score, "lr": lr,
-                   "seconds": round(time.perf_counter() - t0, 3)}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": total / max(1, n_seen),
+                "val_loss": val_metrics.get("loss"),
+                "val_accuracy": val_metrics.get("accuracy"),
+                "val_f1": val_metrics.get("f1_weighted"),
+                "val_qwk": val_metrics.get("qwk"),
+                "val_auc": val_metrics.get("auc"),
+                "val_sensitivity": val_metrics.get("sensitivity"),
+                "val_specificity": val_metrics.get("specificity"),
+                "score": score,
+                "lr": lr,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
             state["history"].append(row)
             # the first epoch always becomes best.pt, even at -inf: a finished run always has one
             improved = score > state["best_score"] or state["best_epoch"] == 0
@@ -353,25 +423,45 @@ def _train_locked(cfg: RunConfig, out: Path, resume: bool, progress: bool,
                 save_checkpoint(out / "checkpoints" / "best.pt", model=model, config=cfg, epoch=epoch + 1, state=state)
             else:
                 state["bad_epochs"] += 1
-            save_checkpoint(out / "checkpoints" / "last.pt", model=model, config=cfg, epoch=epoch + 1,
-                            optimizer=opt, scheduler=sched, state=state)
+            save_checkpoint(
+                out / "checkpoints" / "last.pt",
+                model=model,
+                config=cfg,
+                epoch=epoch + 1,
+                optimizer=opt,
+                scheduler=sched,
+                state=state,
+            )
             _write_history(out, state["history"])
             _log_tb(tb, row)
-            log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_acc %.4f score %.4f%s", epoch + 1,
-                     cfg.train.epochs, row["train_loss"], row["val_loss"], row["val_accuracy"], score,
-                     " *" if improved else "")
+            log.info(
+                "epoch %d/%d train_loss %.4f val_loss %.4f val_acc %.4f score %.4f%s",
+                epoch + 1,
+                cfg.train.epochs,
+                row["train_loss"],
+                row["val_loss"],
+                row["val_accuracy"],
+                score,
+                " *" if improved else "",
+            )
             if cfg.train.early_stopping and state["bad_epochs"] >= cfg.train.early_stopping:
-                log.info("early stopping: no improvement of %s for %d epochs", cfg.train.select,
-                         state["bad_epochs"])
+                log.info("early stopping: no improvement of %s for %d epochs", cfg.train.select, state["bad_epochs"])
                 break
     finally:
         if tb is not None:
             tb.close()
 
     best = state.get("best_val_metrics", val_metrics)
-    write_json(out / "metrics.json", {"best_epoch": state["best_epoch"], "select": cfg.train.select,
-                                      "best_score": state["best_score"], "epochs_run": len(state["history"]),
-                                      "val": best})
+    write_json(
+        out / "metrics.json",
+        {
+            "best_epoch": state["best_epoch"],
+            "select": cfg.train.select,
+            "best_score": state["best_score"],
+            "epochs_run": len(state["history"]),
+            "val": best,
+        },
+    )
     return TrainResult(out, state["best_epoch"], state["best_score"], len(state["history"]), best)
 
 
@@ -385,8 +475,10 @@ def _stretch_cosine(sched, opt: torch.optim.Optimizer, epochs: int, done: int) -
     if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) or sched.T_max == max(1, epochs):
         return
     sched.T_max = max(1, epochs)
-    lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * done / sched.T_max)) / 2
-           for base in sched.base_lrs]
+    lrs = [
+        sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * done / sched.T_max)) / 2
+        for base in sched.base_lrs
+    ]
     for group, lr in zip(opt.param_groups, lrs, strict=True):
         group["lr"] = lr
     sched._last_lr = lrs  # what get_last_lr() reports; step() continues from the groups' lr

@@ -113,11 +113,7 @@ class SeedFocalLoss(nn.Module):
         alpha: AlphaLike = None,
     ) -> None:
         super().__init__()
-        w = (
-            balanced_class_weights(class_counts, num_classes)
-            if class_counts is not None
-            else torch.ones(num_classes)
-        )
+        w = balanced_class_weights(class_counts, num_classes) if class_counts is not None else torch.ones(num_classes)
         if alpha is None:
             a = w.clone()
         else:
@@ -139,9 +135,7 @@ class OneHotBCELoss(nn.Module):
     def __init__(self, num_classes: int, pos_weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.register_buffer(
-            "pos_weight", pos_weight if pos_weight is not None else torch.empty(0), persistent=False
-        )
+        self.register_buffer("pos_weight", pos_weight if pos_weight is not None else torch.empty(0), persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         onehot = F.one_hot(targets, self.num_classes).to(logits.dtype)
@@ -167,16 +161,13 @@ def build_loss(
     """The loss called `name` for a K-class task; `class_counts` feeds the weighted variants."""
     key = loss_key(name)
     if num_classes < 2:
-        raise XraylensError(
-            f"a classifier needs at least 2 classes, got {num_classes}; check the data folders"
-        )
+        raise XraylensError(f"a classifier needs at least 2 classes, got {num_classes}; check the data folders")
     if key == "ce":
         return nn.CrossEntropyLoss()
     if key == "ce-weighted":
         if class_counts is None:
             raise XraylensError(
-                "loss 'ce-weighted' needs class_counts (images per class in train); "
-                "pass them or use --loss ce"
+                "loss 'ce-weighted' needs class_counts (images per class in train); pass them or use --loss ce"
             )
         return nn.CrossEntropyLoss(weight=balanced_class_weights(class_counts, num_classes))
     if key == "focal":
