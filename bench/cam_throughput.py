@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from xraylens.explain import explain
+from xraylens.explain.methods import METHODS
 
 PEERS = {  # our name -> pytorch-grad-cam class
     "gradcam": "GradCAM",
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = torch.randint(0, 2, (batch,), generator=gen).to(device)
 
     methods = [m for m in PEERS if m != "scorecam" or args.scorecam]
-    grad_methods = [m for m in [*methods, *OURS_ONLY] if m not in ("eigencam", "scorecam")]
+    grad_methods = [m for m in [*methods, *OURS_ONLY] if METHODS[m].needs_gradients]
     print(
         f"# {args.model} {args.image_size}x{args.image_size}, batch {batch}, best of {iters} calls "
         f"(+{args.warmup} warm-up, round-robin), device {device}"

@@ -61,5 +61,5 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     # the check itself can fail: a floor-2 module importing the floor-3 run loader is reported
     f = tmp_path / "x.py"
     f.write_text("def f():\n    from xraylens.runs import open_run\n")
-    (line, module), = _imports(f)
+    ((line, module),) = _imports(f)
     assert line == 2 and FLOORS[_unit(module)] > FLOORS["data"]

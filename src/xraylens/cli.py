@@ -44,7 +44,7 @@ CombineOpt = Annotated[
 TargetOpt = Annotated[str, typer.Option("--target", help="pred, true, or a class name/index.")]
 
 
-def _methods(text: str) -> list[str]:
+def _names(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
@@ -303,7 +303,7 @@ def explain(
         data,
         split,
         methods=methods,
-        layers=_methods(layers) if layers else None,
+        layers=_names(layers) if layers else None,
         combine=combine,
         target=target,
         score=score,
@@ -374,7 +374,7 @@ def localize(
     """Pointing game, energy and IoU of CAMs against annotations, beside centre and random baselines."""
     from xraylens.localize.run import localize_image, localize_run, parse_size
 
-    lay = _methods(layers) if layers else None
+    lay = _names(layers) if layers else None
     ref = parse_size(annotation_size) if annotation_size else None
     if image is not None:
         for r in localize_image(

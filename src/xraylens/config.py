@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses, YAML in/out and `section.key=value` overrides.
 
 Every setting a run used is resolved into `config.yaml` in the run directory, so evaluate,
-explain and serve rebuild exactly the same model and preprocessing from it.
+explain and localize rebuild exactly the same model and preprocessing from it.
 """
 
 from __future__ import annotations

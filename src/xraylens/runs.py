@@ -1,8 +1,8 @@
 """A run directory, opened once: config, classes, model, input settings, data and split loader.
 
-Every command that reads a run (evaluate, predict, explain, localize, demo, and later report and
-serve) goes through `open_run`, and every API function accepts either a run path or the `Run` it
-returns, so a caller that chains several steps loads the model once.
+Every command that reads a run (evaluate, predict, explain, localize, demo) goes through `open_run`,
+and every API function accepts either a run path or the `Run` it returns, so a caller that chains
+several steps loads the model once.
 
 Checkpoints hold only tensors and plain Python values so that they load with
 `torch.load(..., weights_only=True)`: no pickled classes, ever.
@@ -37,7 +37,7 @@ CHECKPOINTS = ("best", "last")
 
 @dataclass(frozen=True)
 class InputSettings:
-    """How an image becomes model input: identical at train, evaluate, explain and serve time."""
+    """How an image becomes model input: identical at train, evaluate, explain and predict time."""
 
     image_size: int
     center_crop: float

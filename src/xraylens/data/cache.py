@@ -1,7 +1,7 @@
 """Decode a split once into fixed-size uint8 arrays on disk; every later epoch and run reads those.
 
 One preprocessing path for everything: `prepare_image` (centre crop of the original, then bilinear
-resize) is what the cache calls per image and what predict / serve call for a single image.
+resize) is what the cache calls per image and what predict calls for a single image.
 
 The cache folder holds one entry per (dataset, split, settings, file versions): `<key>.npy` with the
 pixels and `<key>.json` with the rest; the JSON is written last and marks the entry complete, and its
