@@ -13,7 +13,7 @@ from pathlib import Path
 
 from xraylens.config import RunConfig
 from xraylens.errors import XraylensError
-from xraylens.io import write_text
+from xraylens.io import lock_dir, write_text
 
 DEMO_METHODS = ["gradcam", "gradcam++", "layercam", "normgrad-scaling", "normgrad-conv1x1"]
 # The phantoms are 96 px: the usual 15 px tolerance would be a sixth of the image, so the demo asks
@@ -72,24 +72,29 @@ def run_demo(
     device: str = "auto",
     force: bool = False,
 ) -> str:
+    """Phantom (or `data`) -> train or reuse -> evaluate -> explain -> localise; returns the summary."""
+    out = Path(out)
+    phantom = data is None
+    data = Path(data) if data is not None else out / "phantom"
+    cfg = demo_config(data, epochs, phantom, device)
+    cfg.check()  # before the phantom is drawn or anything decoded
+    if not phantom and not data.exists():
+        raise XraylensError(f"demo data not found: {data}")
+    with lock_dir(out, "demo"):  # two demos into one --out would mix their runs
+        return _demo_locked(cfg, out, data, phantom, device, force, progress)
+
+
+def _demo_locked(cfg: RunConfig, out: Path, data: Path, phantom: bool, device: str, force: bool, progress: bool) -> str:
     from xraylens.data.phantom import write_phantom
     from xraylens.evaluate.run import evaluate_run
     from xraylens.explain.run import explain_run
     from xraylens.runs import open_run
 
-    out = Path(out)
-    phantom = data is None
-    cfg = demo_config(Path(data or out / "phantom"), epochs, phantom, device)
-    cfg.check()  # before the phantom is drawn or anything decoded
     annotations = None
     if phantom:
-        data = out / "phantom"
         if not (data / "annotations_objectcxr.csv").is_file():
             write_phantom(data, seed=0)
         annotations = data / "annotations_objectcxr.csv"
-    data = Path(data)
-    if not data.exists():
-        raise XraylensError(f"demo data not found: {data}")
 
     run_dir = out / "run"
     _train_or_reuse(cfg, run_dir, force, progress)
