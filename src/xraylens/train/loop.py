@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_after_batches: int | None = None,
+    on_epoch: Callable[[int, float, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train a model as `cfg` says, writing the run directory `out`.
 
@@ -245,6 +247,8 @@ def train(
     `resume_config` for the rules). The run directory is locked while training: a second `train`
     into the same `out` fails at once instead of mixing its files with this one's.
     `stop_after_batches` simulates a crash after that many optimiser steps (tests of resume).
+    `on_epoch(epoch, score, val_metrics)` runs after each epoch's checkpoints are written (1-based
+    epoch); an exception it raises ends the run there (a tuner's pruning), the run staying resumable.
     """
     out = Path(out)
     if resume:
@@ -259,7 +263,7 @@ def train(
     created = not out.exists()
     try:
         with lock_dir(out, "train"):
-            return _train_locked(absolute_paths(cfg), out, resume, progress, stop_after_batches)
+            return _train_locked(absolute_paths(cfg), out, resume, progress, stop_after_batches, on_epoch)
     except BaseException:
         # a run that failed before writing anything (bad data, say) leaves no empty folder behind
         if created and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
@@ -269,7 +273,12 @@ def train(
 
 
 def _train_locked(
-    cfg: RunConfig, out: Path, resume: bool, progress: bool, stop_after_batches: int | None
+    cfg: RunConfig,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    stop_after_batches: int | None,
+    on_epoch: Callable[[int, float, dict[str, Any]], None] | None,
 ) -> TrainResult:
     # re-read under the lock: another process may have started or finished a run here meanwhile
     resume_from = prepare_run_dir(out, resume)
@@ -444,6 +453,9 @@ def _train_locked(
                 score,
                 " *" if improved else "",
             )
+            _write_metrics(out, cfg, state)  # every epoch: a run stopped early still has its summary
+            if on_epoch is not None:
+                on_epoch(epoch + 1, score, val_metrics)
             if cfg.train.early_stopping and state["bad_epochs"] >= cfg.train.early_stopping:
                 log.info("early stopping: no improvement of %s for %d epochs", cfg.train.select, state["bad_epochs"])
                 break
@@ -451,7 +463,13 @@ def _train_locked(
         if tb is not None:
             tb.close()
 
-    best = state.get("best_val_metrics", val_metrics)
+    best = _write_metrics(out, cfg, state)
+    return TrainResult(out, state["best_epoch"], state["best_score"], len(state["history"]), best)
+
+
+def _write_metrics(out: Path, cfg: RunConfig, state: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: the best epoch, its score and validation metrics; returns those metrics."""
+    best = state.get("best_val_metrics", {})
     write_json(
         out / "metrics.json",
         {
@@ -462,7 +480,7 @@ def _train_locked(
             "val": best,
         },
     )
-    return TrainResult(out, state["best_epoch"], state["best_score"], len(state["history"]), best)
+    return best
 
 
 class _SimulatedCrash(RuntimeError):
