@@ -239,3 +239,61 @@ def test_dicom_without_pixel_data(tmp_path):
     (tmp_path / "junk.dcm").write_text("not dicom at all")
     with pytest.raises(DecodeError, match="junk.dcm"):
         decode_image(tmp_path / "junk.dcm")
+
+
+# ------------------------------------------------------------------------------------------ bytes (uploads)
+
+
+def test_bytes_decode_like_files(fixture_dir, tmp_path):
+    from xraylens.data.decode import decode_bytes
+
+    for path in (_first(fixture_dir / "knee_kl" / "0"), _first(fixture_dir / "pneumonia" / "NORMAL")):
+        np.testing.assert_array_equal(decode_bytes(path.read_bytes()), decode_image(path))
+    dcm = _dicom(tmp_path / "scan.bin", RAMP, window=(900, 1000))  # found by the DICM magic, as a file is
+    np.testing.assert_array_equal(decode_bytes(dcm.read_bytes()), decode_image(dcm))
+
+
+def test_bytes_errors_and_limits_like_files(fixture_dir, tmp_path):
+    from xraylens.data.decode import decode_bytes
+
+    data = _first(fixture_dir / "pneumonia" / "NORMAL").read_bytes()
+    with pytest.raises(DecodeError, match=r"^upload: not a readable image \(.*truncated"):
+        decode_bytes(data[: len(data) // 2])
+    with pytest.raises(DecodeError, match=r"^upload: empty file \(0 bytes\)$"):
+        decode_bytes(b"")
+    with pytest.raises(DecodeError, match="^x.png: not a readable image"):
+        decode_bytes(b"this is not an image\n", name="x.png")
+    with pytest.raises(DecodeError, match=r"upload: 224x224 image \(50,176 pixels\) is above the limit of 50,000"):
+        decode_bytes(data, max_pixels=50_000)
+    with pytest.raises(DecodeError, match=r"upload: 40x25 image \(1,000 pixels\) is above the limit of 999"):
+        decode_bytes(_dicom(tmp_path / "big.dcm", RAMP).read_bytes(), max_pixels=999)
+    with pytest.raises(DecodeError, match="upload: image of 50,176 pixels is above"):
+        with pytest.MonkeyPatch.context() as mp:  # Pillow's own bomb check, far below ours
+            mp.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+            decode_bytes(data, max_pixels=20_000)
+
+
+def test_dicom_patient_fields_are_never_quoted(tmp_path, caplog):
+    """pydicom warns about invalid values quoting them; the patient group is dropped before any is read."""
+    import logging
+
+    from pydicom import config, dcmread
+
+    from xraylens.data.decode import decode_bytes
+
+    path = _dicom(tmp_path / "p.dcm", RAMP)
+    ds = dcmread(path)
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own warnings about the invalid values written here
+        mp.setattr(config.settings, "writing_validation_mode", config.IGNORE)
+        ds.PatientName = "SECRETNAME^" + "X" * 80  # over PN's 64 characters: pydicom would warn, quoting
+        ds.PatientBirthDate = "SECRETDATE"  # not a DA value: pydicom's warning quotes it
+        ds.save_as(path)
+    caplog.clear()  # the warnings of writing the test file itself
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        out = decode_bytes(path.read_bytes())
+        assert out.shape == (25, 40)
+        decode_image(path)
+    said = " ".join(str(w.message) for w in caught) + caplog.text
+    assert "SECRET" not in said
