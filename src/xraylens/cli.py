@@ -474,6 +474,67 @@ def demo(
     typer.echo(summary)
 
 
+@app.command()
+def serve(
+    run: RunArg,
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host",
+            help="Address to listen on (default 127.0.0.1: this machine only; any other address needs "
+            "--token-file or --no-auth).",
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (default 8000).")] = 8000,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help="File holding one bearer token; /model and /predict then need 'Authorization: Bearer "
+            "<token>' (default: no token, allowed on loopback only).",
+        ),
+    ] = None,
+    no_auth: Annotated[
+        bool,
+        typer.Option("--no-auth", help="Serve a non-loopback --host without a token (default: refuse to)."),
+    ] = False,
+    max_upload_mb: Annotated[
+        float, typer.Option("--max-upload-mb", help="Largest upload accepted, in MB of 2^20 bytes (default 50).")
+    ] = 50.0,
+    offered: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma list of the CAM methods offered (default: every method but scorecam, which runs "
+            "one forward pass per channel).",
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            "--max-batch", help="Images per model pass when requests queue up together (default 4; 1: one by one)."
+        ),
+    ] = 4,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last (default best).")] = "best",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve a web page and a REST API (POST /predict) that classify and explain one uploaded image."""
+    from xraylens.serve.app import serve_run
+
+    serve_run(
+        run,
+        host=host,
+        port=port,
+        token_file=token_file,
+        no_auth=no_auth,
+        max_upload_mb=max_upload_mb,
+        methods=offered,
+        max_batch=max_batch,
+        checkpoint=checkpoint,
+        device=device,
+    )
+
+
 def _describe_methods(command) -> None:
     """--help of every command with --methods lists the methods table's names (imports torch, so only
     when help is asked for)."""
