@@ -475,6 +475,20 @@ def demo(
 
 
 @app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `xraylens train`.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="HTML file, or a folder for report.html (default: RUN/report.html).")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page of a run (settings, data, training curves, metrics with ROC,
+    precision-recall and calibration plots, CAM grids, localisation) and print its path."""
+    from xraylens.report import build_report
+
+    typer.echo(build_report(run, out))
+
+
+@app.command()
 def serve(
     run: RunArg,
     host: Annotated[

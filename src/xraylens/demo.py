@@ -127,6 +127,9 @@ def _demo_locked(cfg: RunConfig, out: Path, data: Path, phantom: bool, device: s
         for method, acc in loc.overall.items():
             lines.append(f"    {method:<20} {acc:.3f}")
         lines.append(f"  per-image results: {loc.csv_path}")
+    from xraylens.report import build_report
+
+    lines.append(f"  report: {build_report(run)}")  # last: it shows every file written above
     summary = "\n".join(lines)
     write_text(run_dir / "demo_summary.txt", summary + "\n")
     return summary
