@@ -372,6 +372,28 @@ def test_live_server_concurrent_requests_match_sequential(server, images):
     assert status == 200 and "SECRET" not in json.dumps(body)
 
 
+def test_keep_alive_answers_are_not_held_by_delayed_acks(server):
+    """Responses go out as two writes (headers, body): without TCP_NODELAY on the accepted sockets each
+    answer on a kept-alive connection waits ~40 ms for the client's delayed ACK."""
+    import http.client
+
+    from xraylens.serve.app import _bind
+
+    with _bind("127.0.0.1", 0) as srv, socket.create_connection(srv.getsockname()[:2]):
+        conn, _ = srv.accept()
+        with conn:
+            assert conn.proto == socket.IPPROTO_TCP  # what asyncio checks before it sets TCP_NODELAY
+    c = http.client.HTTPConnection("127.0.0.1", int(server["url"].rsplit(":", 1)[1]), timeout=10)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        c.request("GET", "/model")
+        c.getresponse().read()
+        times.append(time.perf_counter() - t)
+    c.close()
+    assert min(times[1:]) < 0.035, times  # a stall is >= 40 ms on every kept-alive request
+
+
 def test_loopback_server_refuses_foreign_host_header(server):
     req = urllib.request.Request(server["url"] + "/health", headers={"Host": "evil.example"})
     with pytest.raises(urllib.error.HTTPError) as e:

@@ -123,7 +123,9 @@ class Prediction(BaseModel):
     image: ImageInfo
     input: InputInfo
     cams: dict[str, Cam]
-    timing_ms: dict[str, float] = Field(description="read, decode, model (queue included), encode, total.")
+    timing_ms: dict[str, float] = Field(
+        description="read, decode, model (queue included), compute (the model pass), encode, total; batch_size."
+    )
 
 
 _ERRORS = {
@@ -323,6 +325,7 @@ def create_app(
             "read": round((t1 - t0) * 1e3, 2),
             "decode": round((t2 - t1) * 1e3, 2),
             "model": round((t3 - t2) * 1e3, 2),
+            "compute": round(pred.compute_ms, 2),
             "encode": round((t4 - t3) * 1e3, 2),
             "total": round((t4 - t0) * 1e3, 2),
             "batch_size": pred.batch_size,
@@ -395,8 +398,10 @@ def _bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise XraylensError(f"--host {host}: cannot resolve it ({e.strerror}); use an IP address") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, addr = infos[0]
+    # proto must say TCP: asyncio sets TCP_NODELAY only on such sockets, and without it every keep-alive
+    # response waits ~40 ms for the client's delayed ACK (headers and body are two writes)
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)

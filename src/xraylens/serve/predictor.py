@@ -13,6 +13,7 @@ import base64
 import io
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class Prediction:
     maps: dict[str, np.ndarray]
     constant: dict[str, bool]
     batch_size: int
+    compute_ms: float  # the model pass this image was part of (queueing excluded)
 
 
 @dataclass
@@ -135,6 +137,7 @@ class Predictor:
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         if not live:
             return
+        t0 = time.perf_counter()
         try:
             x = self.inputs.to_model(torch.from_numpy(np.stack([j.image for j in live]))[:, None], self.run.device)
             maps: dict[str, np.ndarray] = {}
@@ -151,6 +154,7 @@ class Predictor:
                     logits = self.run.model(x)
                 targets = None
             probs = class_probabilities(logits.detach()).cpu().numpy()
+            ms = (time.perf_counter() - t0) * 1e3
             for i, j in enumerate(live):
                 t = int(targets[i]) if targets is not None else int(probs[i].argmax())
                 j.future.set_result(
@@ -160,6 +164,7 @@ class Predictor:
                         {m: maps[m][i] for m in methods},
                         {m: bool(constant[m][i]) for m in methods},
                         len(live),
+                        ms,
                     )
                 )
         except BaseException as exc:  # every caller gets the error; the worker lives on
