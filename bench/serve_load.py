@@ -293,6 +293,7 @@ def load(run: Path, max_batch: int, args: argparse.Namespace) -> dict:
                     results.append((kind, want, status, dt, answer))
             client.close()
 
+        load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
         for th in threads:
@@ -329,6 +330,7 @@ def load(run: Path, max_batch: int, args: argparse.Namespace) -> dict:
         if timing
         else {},
         "batches": Counter(t.get("batch_size", 0) for t in timing),
+        "load": (load_before, os.getloadavg()[0]),
         "cpu_server": cpu_server,
         "cpu_client": cpu_client,
         "rss_before": rss_before,
@@ -384,6 +386,9 @@ def main() -> None:
             f"  server RSS: {r['rss_before'] / 2**20:.0f} MiB after warm-up, {r['rss_after'] / 2**20:.0f} MiB "
             f"after, peak {r['rss_peak'] / 2**20:.0f} MiB; growth {growth:+.1f} MiB "
             f"(bound {args.memory_bound_mib:g} MiB)"
+        )
+        print(
+            f"  load average (1 min) before/after: {r['load'][0]:.2f} / {r['load'][1]:.2f} (other processes included)"
         )
         print(f"  5xx or failed connections: {r['5xx']}; patient field in the server log: {r['secret_in_log']}")
         problems = []

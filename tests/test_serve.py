@@ -484,3 +484,25 @@ def _offered(server) -> list[str]:
 
 def _canvas(page) -> str:
     return page.evaluate("document.getElementById('view').toDataURL('image/png')")
+
+
+def test_queued_images_share_a_pass_with_the_same_results(loaded, images):
+    from xraylens.serve.predictor import Predictor
+
+    prepared = [loaded.inputs.prepare(images[k])[0] for k in ("png", "png2", "jpeg", "jpeg2")]
+    alone = Predictor(loaded, max_batch=1, warm_up=False)
+    batched = Predictor(loaded, max_batch=4, warm_up=False)
+    try:
+        ref = [alone.submit(x, ["gradcam", "eigencam"]).result() for x in prepared]
+        futures = [batched.submit(x, ["gradcam", "eigencam"]) for x in prepared * 3]  # queued faster than served
+        got = [f.result() for f in futures]
+    finally:
+        alone.close()
+        batched.close()
+    assert max(g.batch_size for g in got) > 1 and all(r.batch_size == 1 for r in ref)
+    for i, g in enumerate(got):
+        r = ref[i % 4]
+        np.testing.assert_allclose(g.probabilities, r.probabilities, atol=1e-5)
+        assert g.target == r.target
+        for m in ("gradcam", "eigencam"):
+            np.testing.assert_allclose(g.maps[m], r.maps[m], atol=1e-4)

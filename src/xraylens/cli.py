@@ -526,9 +526,11 @@ def serve(
     max_batch: Annotated[
         int,
         typer.Option(
-            "--max-batch", help="Images per model pass when requests queue up together (default 4; 1: one by one)."
+            "--max-batch",
+            help="Images per model pass when requests queue up together (default 1: one at a time; larger "
+            "batches made latency worse on a 2-core CPU, they may pay on a GPU).",
         ),
-    ] = 4,
+    ] = 1,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last (default best).")] = "best",
     device: DeviceOpt = "auto",
 ) -> None:
