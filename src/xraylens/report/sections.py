@@ -231,6 +231,8 @@ def _read_splits(rf: RunFiles) -> None:
     groups: dict[str, set[str]] = {}
     for row in rows:
         image, split, lab = (row + ["", "", "", ""])[:3]
+        if not split.strip():
+            continue  # a short or foreign row names no split
         group = row[3] if len(row) > 3 else ""
         counts.setdefault(split, {}).setdefault(lab, 0)
         counts[split][lab] += 1
@@ -260,7 +262,7 @@ def fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return "—"
-        return f"{v:.{digits}f}" if abs(v) >= 10**-digits or v == 0 else f"{v:.2e}"
+        return f"{v:.{digits}f}" if abs(v) >= 10**-digits or v == 0 else f"{v:.2g}"
     if isinstance(v, (list, tuple)):
         return ", ".join(fmt(x, digits) for x in v) if v else "—"
     if isinstance(v, dict):
@@ -763,7 +765,8 @@ def localization_section(rf: RunFiles) -> Section:
             wide=True,
         )
     )
-    cls = sorted({c for m in methods for c in pg[m] if c != "all"})
+    # classes without one annotated image (the normal ones, usually) would be columns of blanks
+    cls = sorted({c for m in methods for c, v in pg[m].items() if c != "all" and isinstance(v, dict) and v.get("n")})
     header = ["method", "all", *cls]
     rows = [[m, *[_pg_cell(pg[m].get(c)) for c in ("all", *cls)]] for m in methods]
     sec.blocks.append(Heading("Pointing game per class"))
