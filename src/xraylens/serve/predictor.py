@@ -73,6 +73,11 @@ class Predictor:
         self.run = run
         self.inputs = run.inputs
         self.max_batch = max_batch
+        # channels-last convolutions are ~10 % faster on a CPU (same results to 1e-6); the model is
+        # changed in place, as the server is its only user
+        self.channels_last = run.device.type == "cpu"
+        if self.channels_last:
+            run.model.to(memory_format=torch.channels_last)
         self.engine = CamEngine(run.model, layers)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._closed = False
@@ -141,7 +146,8 @@ class Predictor:
             return
         t0 = time.perf_counter()
         try:
-            x = self.inputs.to_model(torch.from_numpy(np.stack([j.image for j in live]))[:, None], self.run.device)
+            x8 = torch.from_numpy(np.stack([j.image for j in live]))[:, None]
+            x = self.inputs.to_model(x8, self.run.device, channels_last=self.channels_last)
             maps: dict[str, np.ndarray] = {}
             constant: dict[str, np.ndarray] = {}
             if methods:
