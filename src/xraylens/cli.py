@@ -551,6 +551,139 @@ def serve(
     )
 
 
+@app.command()
+def tune(
+    trials: Annotated[
+        int,
+        typer.Option(
+            "--trials",
+            help="Finished (complete or pruned) trials the study should hold in total; a resumed or shared "
+            "study runs only the missing ones. Required.",
+        ),
+    ],
+    study: Annotated[
+        str, typer.Option("--study", help="Study name; workers given the same name and --storage share it. Required.")
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Dataset, as for `train` (default: the --config's data.path)."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help=f"Model name, see `xraylens models` (default {_D.model.name}).")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="SQLAlchemy URL of the study, e.g. postgresql+psycopg2://user:pw@host/db to share it between "
+            "machines (default: sqlite:///OUT/study.db).",
+        ),
+    ] = None,
+    space: Annotated[
+        Path | None,
+        typer.Option(
+            "--space",
+            help="YAML search space that changes or replaces the built-in one (default: focal gamma, "
+            "focal_alpha_scale, lr, weight decay, batch size, optimiser; see README).",
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help=f"Epochs per trial (default {_D.train.epochs}).")
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Study folder: trials/, trials.csv, best.json, best-config.yaml, plots/."),
+    ] = Path("runs/tune"),
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Base YAML config for every trial (default: built-in defaults)."),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option("--image-size", help=f"Side of the square model input, pixels (default {_D.data.image_size})."),
+    ] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(
+            "--select",
+            help="Validation score the study maximises, a metric or expression, e.g. qwk "
+            f"(default {_D.train.select}; 'loss' means lowest loss).",
+        ),
+    ] = None,
+    sampler: Annotated[
+        str, typer.Option("--sampler", help="tpe or qmc (scrambled Sobol, as the KL-grading original).")
+    ] = "tpe",
+    seed: Annotated[int, typer.Option("--seed", help="Sampler seed (trials are trained with train.seed).")] = 0,
+    pruner_patience: Annotated[
+        int,
+        typer.Option(
+            "--pruner-patience",
+            help="Prune a trial after this many epochs without improvement when it is also below the median "
+            "of earlier trials at that epoch.",
+        ),
+    ] = 2,
+    no_prune: Annotated[bool, typer.Option("--no-prune", help="Train every trial to the end.")] = False,
+    startup_trials: Annotated[
+        int | None,
+        typer.Option(
+            "--startup-trials",
+            help="Random trials before TPE models the results and the pruner acts (default: a third of "
+            "--trials, 2 to 10).",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help=f"auto, cpu, cuda or cuda:N (default {_D.train.device}).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any setting for every trial, e.g. --set train.select=qwk (default: none)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars; one line per trial.")] = False,
+) -> None:
+    """Search hyperparameters with Optuna; every trial is a run directory under OUT/trials/.
+
+    A killed tune continues where it stopped when run again with the same command."""
+    from xraylens.tune import tune as run_tune
+
+    flags = {
+        "data.path": data,
+        "model.name": model,
+        "train.epochs": epochs,
+        "data.image_size": image_size,
+        "train.select": select,
+        "train.device": device,
+    }
+    cfg = (RunConfig.load(config) if config else RunConfig()).apply(flags).override(list(set_ or []))
+    r = run_tune(
+        cfg,
+        out,
+        trials=trials,
+        study=study,
+        storage=storage,
+        space=space,
+        sampler=sampler,
+        seed=seed,
+        pruner_patience=None if no_prune else pruner_patience,
+        startup_trials=startup_trials,
+        progress=not quiet,
+    )
+    c = r.counts
+    typer.echo(
+        f"study {r.study} ({r.storage}): {c['finished']} finished ({c['complete']} complete, {c['pruned']} "
+        f"pruned), {c['failed']} failed; this run trained {len(r.ran)}"
+    )
+    if r.best_number is None:
+        typer.echo("no complete trial yet")
+    else:
+        typer.echo(f"best trial {r.best_number}: {r.select} {r.best_value:.4f}")
+        for k, v in r.best_params.items():
+            typer.echo(f"  {k:<22} {v:.4g}" if isinstance(v, float) else f"  {k:<22} {v}")
+        typer.echo(f"best run: {r.best_dir} (evaluate, explain and report accept it)")
+    for note in r.notes:
+        typer.echo(f"note: {note}")
+    typer.echo("wrote " + ", ".join(str(p) for p in r.files.values()))
+
+
 def _describe_methods(command) -> None:
     """--help of every command with --methods lists the methods table's names (imports torch, so only
     when help is asked for)."""
