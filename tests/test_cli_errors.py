@@ -79,6 +79,25 @@ LOCALIZE = [
     "MISSING",
 ]
 
+TUNE = [
+    "tune",
+    "--data",
+    "DATA",
+    "--model",
+    "tinyvgg",
+    "--image-size",
+    "32",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--trials",
+    "1",
+    "--study",
+    "s",
+    "--out",
+    "MISSING",
+]
+
 # (command line, words the message must contain); capital words are replaced from `env`
 BAD = [
     (TRAIN + ["--epochs", "0"], "--epochs"),
@@ -156,6 +175,25 @@ BAD = [
     (["demo", "--epochs", "0", "--out", "MISSING"], "--epochs"),
     (["demo", "--data", "MISSING", "--out", "MISSING"], "not found"),
     (["cache", "clear", "--older-than", "soon"], "soon"),
+    (TUNE + ["--trials", "-1"], "--trials"),
+    (TUNE + ["--epochs", "0"], "--epochs"),
+    (TUNE + ["--image-size", "0"], "--image-size"),
+    (TUNE + ["--select", "nope"], "nope"),
+    (TUNE + ["--model", "nope"], "nope"),
+    (TUNE + ["--sampler", "nope"], "nope"),
+    (TUNE + ["--pruner-patience", "-1"], "--pruner-patience"),
+    (TUNE + ["--startup-trials", "-1"], "--startup-trials"),
+    (TUNE + ["--storage", "nope://x"], "storage"),
+    (TUNE + ["--storage", "sqlite:////proc/xraylens/study.db"], "--storage"),
+    (TUNE + ["--storage", "postgresql+psycopg2://u:secret@127.0.0.1:1/db"], "storage"),
+    (TUNE + ["--space", "MISSING"], "--space"),
+    (TUNE + ["--space", "FILE"], "--space"),
+    (TUNE + ["--space", "BINARY"], "--space"),
+    (TUNE + ["--set", "train.nope=1"], "nope"),
+    (TUNE + ["--device", "nope"], "nope"),
+    (TUNE + ["--out", "FILE"], "FILE"),
+    (["tune", "--data", "MISSING", "--trials", "1", "--study", "s", "--out", "MISSING"], "does not exist"),
+    (["tune", "--data", "DATA", "--trials", "1", "--out", "MISSING"], "--study"),
 ]
 
 
