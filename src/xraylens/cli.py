@@ -527,10 +527,9 @@ def serve(
         int,
         typer.Option(
             "--max-batch",
-            help="Images per model pass when requests queue up together (default 1: one at a time; larger "
-            "batches made latency worse on a 2-core CPU, they may pay on a GPU).",
+            help="Most images per model pass when requests queue up together (default 4; 1: one at a time).",
         ),
-    ] = 1,
+    ] = 4,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last (default best).")] = "best",
     device: DeviceOpt = "auto",
 ) -> None:
@@ -551,7 +550,6 @@ def serve(
     )
 
 
-@app.command()
 def tune(
     trials: Annotated[
         int,

@@ -4,9 +4,8 @@ them through the CAM engine, several at a time when they queue up together.
 Why a worker and not a lock: the CAM engine registers hooks on the model, so two passes must never
 interleave, and a single owner thread guarantees it. While one pass runs, new requests queue; the next
 pass takes every queued image with the same methods and target (up to `max_batch`) at once. Nothing
-waits for a batch to fill: an image that arrives alone runs alone. Batching is off by default
-(`max_batch=1`): on a 2-core CPU a batch of two took longer than two single passes (docs/benchmarks.md);
-it is there for GPUs, where one pass of several images costs little more than one.
+waits for a batch to fill: an image that arrives alone runs alone. On a 2-core CPU at concurrency 4,
+passes of up to 4 images served 15 % more requests/s than one at a time, with a lower p99 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -66,7 +65,7 @@ class Predictor:
     the worker thread. `close()` stops the worker (pending jobs get an error)."""
 
     def __init__(
-        self, run: Run, *, max_batch: int = 1, layers: Sequence[str] | None = None, warm_up: bool = True
+        self, run: Run, *, max_batch: int = 4, layers: Sequence[str] | None = None, warm_up: bool = True
     ) -> None:
         if max_batch < 1:
             raise XraylensError(f"max_batch={max_batch} must be at least 1")
