@@ -396,7 +396,11 @@ def main() -> None:
             f"{'met' if pct(g, 99) <= 250 else 'MISSED'})"
         )
         print(f"  all requests: p50 {pct(a, 50):.1f} ms, p99 {pct(a, 99):.1f} ms")
-        print(f"  server time per good request (median ms): {r['server_ms']}")
+        print(
+            "  server time per good request (median ms): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in r["server_ms"].items())
+            + "  (model = queue + compute; compute = the whole batch's pass)"
+        )
         print(
             f"  CPU time: server {r['cpu_server']:.1f} s ({1e3 * r['cpu_server'] / r['n']:.1f} ms/request), "
             f"load generator {r['cpu_client']:.1f} s, of {2 * r['wall']:.1f} core-seconds on 2 cores"
