@@ -103,7 +103,7 @@ def test_a_three_trial_study_writes_every_output(study3, capsys):
     for name in ("history", "importances", "slice"):
         png = out / "plots" / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG", name
-    assert best["notes"] == []
+    assert best["notes"] == [] and best["plots"] == [f"plots/{n}.png" for n in ("history", "importances", "slice")]
     assert (out / "study.db").is_file() and json.loads((out / "tune.json").read_text())["study"] == "knee"
     assert not (out / "workers").exists(), "a finished worker leaves its lock folder behind"
     # every trial is an ordinary run directory, with the sampled settings in its config.yaml
@@ -180,8 +180,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def test_kill_and_resume_keeps_the_count(knee, tmp_path):
     out = tmp_path / "s"
-    # 30 epochs keep each trial busy for seconds, so the kill lands inside the 2nd trial
-    extra = ["--trials", "3", "--study", "k", "--epochs", "30", "--no-prune"]
+    # 20 epochs keep each trial busy for seconds, so the kill lands inside the 2nd trial
+    extra = ["--trials", "2", "--study", "k", "--epochs", "20", "--no-prune"]
     proc = subprocess.Popen(_cli(out, knee, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(out / "trials" / "trial-0001" / "checkpoints" / "last.pt", proc)
@@ -192,16 +192,16 @@ def test_kill_and_resume_keeps_the_count(knee, tmp_path):
     states = {t.number: t.state for t in optuna.load_study(study_name="k", storage=url).trials}
     assert states == {0: TrialState.COMPLETE, 1: TrialState.RUNNING}, "the kill missed the 2nd trial"
 
-    r = tune(_cfg(knee, **{"train.epochs": 30}), out, trials=3, study="k", pruner_patience=None)
+    r = tune(_cfg(knee, **{"train.epochs": 20}), out, trials=2, study="k", pruner_patience=None)
     trials = optuna.load_study(study_name="k", storage=url).trials
     by = {t.number: t for t in trials}
     assert by[1].state == TrialState.FAIL and "died" in by[1].user_attrs["error"]
     retry = next(t for t in trials if t.user_attrs.get("retry_of") == 1)
     assert retry.state == TrialState.COMPLETE and retry.params == by[1].params  # retried with its parameters
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 3 and r.counts["finished"] == 3 and len(r.ran) == 2
-    assert len({t.user_attrs["trial_dir"] for t in finished}) == 3  # no run counted twice
-    assert len(_rows(out / "trials.csv")) == 4  # 3 finished + the killed one, marked FAIL
+    assert len(finished) == 2 and r.counts["finished"] == 2 and r.ran == [retry.number]
+    assert len({t.user_attrs["trial_dir"] for t in finished}) == 2  # no run counted twice
+    assert len(_rows(out / "trials.csv")) == 3  # 2 finished + the killed one, marked FAIL
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
@@ -358,5 +358,9 @@ def test_a_space_file_extends_or_replaces_the_built_in_one(knee, tmp_path):
     cfg = s.trial_config(_cfg(knee), {"model.head_hidden": "128,32", "focal_alpha_scale": 0.5}, lambda c: [10, 30])
     assert cfg.model.head_hidden == [128, 32] and cfg.train.loss == "focal-seed"
     assert cfg.train.focal_alpha == pytest.approx([1.0, 1 / 3])  # 0.5 x the balanced weights 40/(2*n_c)
+    f.write_text("search:\n  train.loss: [focal, ce]\n")  # searching the loss the built-in space fixes
+    s = load_space(f)
+    assert "train.loss" not in s.fixed and "train.loss" in s.names
+    s.check(_cfg(knee))
     f.write_text("replace: true\nsearch:\n  train.lr: {low: 1.0e-4, high: 1.0e-3}\n")
     assert [d.name for d in load_space(f).dims] == ["train.lr"]

@@ -169,7 +169,7 @@ def _tune(
     if plots:
         files, plot_notes = write_plots(opt_study, out)
         notes += plot_notes
-        extra = {"plots": {k: str(v) for k, v in files.items()}, "notes": notes}
+        extra = {"plots": sorted(files), "notes": notes}  # paths relative to OUT
     written, summary = write_outputs(opt_study, out, shown, base.train.select, extra)
     files = {**written, **files}
     result = TuneResult(study, shown, out, base.train.select, st.counts(opt_study), ran, files=files, notes=notes)

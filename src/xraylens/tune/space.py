@@ -6,9 +6,10 @@ an ordinary run and the best one's `config.yaml` trains again with `xraylens tra
 
 `focal_alpha_scale` (s) sets the per-class focal weights `train.focal_alpha` to s times the balanced
 class weights n / (K * n_c) of the trial's training split (the KL-grading original's "alpha scaling
-factor" times its class weights). The class ratios are therefore always the balanced ones; s scales the
-loss as a whole, which matters with SGD (it acts like a learning-rate factor) and hardly at all with
-Adam-type optimisers, which normalise the gradient scale.
+factor" times its class weights). The class ratios are therefore always the balanced ones and s scales
+the whole loss: with SGD that acts like a learning-rate factor; with SGD, Adam and RAdam (weight decay
+added to the gradient) it also shifts the weight of the decay; with AdamW (decoupled decay) it changes
+almost nothing, since Adam normalises the gradient scale.
 
 A space file (YAML) changes the built-in space::
 
@@ -229,6 +230,8 @@ def parse_space(doc: Any, source: str = "space") -> SearchSpace:
         except XraylensError as e:
             raise XraylensError(f"{source}: fixed {key}: {e}") from None
         fixed[key] = value
+    for key in [k for k in fixed if k in dims and k not in fixed_in]:
+        del fixed[key]  # searching a setting the built-in space fixes (the loss) replaces that fixed value
     both = sorted(set(dims) & set(fixed))
     if both:
         raise XraylensError(f"{source}: {', '.join(both)} is both searched and fixed; keep one")
