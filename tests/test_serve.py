@@ -506,3 +506,53 @@ def test_queued_images_share_a_pass_with_the_same_results(loaded, images):
         assert g.target == r.target
         for m in ("gradcam", "eigencam"):
             np.testing.assert_allclose(g.maps[m], r.maps[m], atol=1e-4)
+
+
+def test_page_with_a_token_in_a_real_browser(loaded, images):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: run scripts/system-deps.sh as root to install Debian's Chromium")
+    import threading
+
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(loaded, token=TOKEN), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.wait_for_selector("#auth:not([hidden])")
+                assert "token" in page.inner_text("#modelinfo")
+                page.fill("#token", "wrong-token-0123456789")
+                page.set_input_files("#file", str(images["jpeg"]))  # no model yet: asks for it with the token
+                page.wait_for_selector("#status.error")
+                assert "bearer token" in page.inner_text("#status")
+                page.fill("#token", TOKEN)
+                page.set_input_files("#file", str(images["jpeg"]))
+                page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+                assert "tinyvgg" in page.inner_text("#modelinfo") and "%" in page.inner_text("#probs")
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_internal_errors_are_500_without_a_traceback(loaded, images, monkeypatch):
+    app = create_app(loaded)
+
+    def broken(*a, **k):
+        raise RuntimeError("boom: internal detail")
+
+    monkeypatch.setattr(app.state.predictor, "submit", broken)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = _post(c, images["jpeg"].read_bytes())
+    assert r.status_code == 500 and r.json() == {"detail": "internal server error; see the server log"}

@@ -89,7 +89,6 @@ PAGE = """<!doctype html>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
-let token = "";
 let model = null;
 let result = null;
 let base = null;
@@ -103,6 +102,7 @@ function setStatus(text, error) {
 async function api(path, options) {
   const opts = Object.assign({}, options || {});
   opts.headers = Object.assign({}, opts.headers || {});
+  const token = $("token").value.trim();  // read at each call: a pasted token works at once
   if (token) opts.headers["Authorization"] = "Bearer " + token;
   const response = await fetch(path, opts);
   let body = null;
@@ -269,12 +269,16 @@ async function predict(file) {
     " ms)");
 }
 
-function choose() { $("file").value = ""; $("file").click(); }
+function choose() { $("file").click(); }
 $("drop").addEventListener("click", choose);
 $("drop").addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") choose(); });
 $("view").addEventListener("click", choose);
 $("choose").addEventListener("click", choose);
-$("file").addEventListener("change", () => { if ($("file").files.length) predict($("file").files[0]); });
+$("file").addEventListener("change", () => {
+  const file = $("file").files[0];
+  $("file").value = "";  // so choosing the same file again (after an error, say) still fires change
+  if (file) predict(file);
+});
 for (const target of [$("drop"), $("view")]) {
   target.addEventListener("dragover", (e) => { e.preventDefault(); $("drop").classList.add("over"); });
   target.addEventListener("dragleave", () => $("drop").classList.remove("over"));
@@ -286,7 +290,7 @@ for (const target of [$("drop"), $("view")]) {
 }
 $("method").addEventListener("change", () => { describeMethod(); draw(); });
 $("opacity").addEventListener("input", draw);
-$("token").addEventListener("change", () => { token = $("token").value.trim(); loadModel(); });
+$("token").addEventListener("change", loadModel);
 
 (async () => {
   try {
