@@ -550,6 +550,7 @@ def serve(
     )
 
 
+@app.command()
 def tune(
     trials: Annotated[
         int,
