@@ -6,6 +6,7 @@ Set XRAYLENS_SCREENSHOTS=DIR to keep the browser test's screenshots."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -326,6 +327,26 @@ def server(run_dir, tmp_path_factory):
     assert "SECRET" not in log.read_text(), "a patient field reached the server log"
 
 
+@contextlib.contextmanager
+def _thread_server(app):
+    """The app under uvicorn in a thread of this process, on a free loopback port."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield server.config.port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def _multipart(data: bytes) -> tuple[bytes, str]:
     boundary = "xraylens-test-boundary"
     body = (
@@ -511,19 +532,9 @@ def test_queued_images_share_a_pass_with_the_same_results(loaded, images):
 def test_page_with_a_token_in_a_real_browser(loaded, images):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found: run scripts/system-deps.sh as root to install Debian's Chromium")
-    import threading
-
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(loaded, token=TOKEN), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
+    with _thread_server(create_app(loaded, token=TOKEN)) as port:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
             try:
@@ -541,9 +552,6 @@ def test_page_with_a_token_in_a_real_browser(loaded, images):
                 assert "tinyvgg" in page.inner_text("#modelinfo") and "%" in page.inner_text("#probs")
             finally:
                 browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_internal_errors_are_500_without_a_traceback(loaded, images, monkeypatch):
@@ -556,3 +564,15 @@ def test_internal_errors_are_500_without_a_traceback(loaded, images, monkeypatch
     with TestClient(app, raise_server_exceptions=False) as c:
         r = _post(c, images["jpeg"].read_bytes())
     assert r.status_code == 500 and r.json() == {"detail": "internal server error; see the server log"}
+
+
+def test_a_trickled_upload_times_out(loaded, monkeypatch):
+    import xraylens.serve.app as serve_app
+
+    monkeypatch.setattr(serve_app, "UPLOAD_SECONDS", 0.5)
+    with _thread_server(create_app(loaded)) as port, socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n")
+        s.sendall(b"Content-Length: 5000\r\n\r\n\x89PNG\r\n\x1a\n")  # ... and nothing more
+        s.settimeout(10)
+        answer = s.recv(4096).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer, answer

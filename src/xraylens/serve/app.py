@@ -44,6 +44,9 @@ MIN_TOKEN_CHARS = 16
 MAX_INFLIGHT_UPLOADS = 8
 # decodes at once: a decode may hold width x height float64 pixels (DICOM), so their count is bounded
 MAX_DECODES = 2
+# an upload must arrive within this time (50 MB at 0.5 MB/s): a client trickling bytes would otherwise
+# hold one of the upload slots for as long as it likes
+UPLOAD_SECONDS = 100.0
 
 _PAGE_HEADERS = {
     # the page is one file with its script and style inline; it talks only to this server
@@ -132,6 +135,7 @@ class Prediction(BaseModel):
 _ERRORS = {
     400: {"model": Detail, "description": "Empty upload, malformed form, unknown method or target."},
     401: {"model": Detail, "description": "Missing or wrong bearer token (when the server has one)."},
+    408: {"model": Detail, "description": "The upload did not arrive in time."},
     413: {"model": Detail, "description": "Upload over the size limit."},
     415: {"model": Detail, "description": "Not a PNG, JPEG or DICOM file."},
     422: {"model": Detail, "description": "The file could not be decoded (the decoder's reason)."},
@@ -310,7 +314,11 @@ def create_app(
         if state["decodes"] is None:
             state["decodes"] = anyio.CapacityLimiter(MAX_DECODES)
         async with state["uploads"]:
-            data = await read_upload(request, max_upload_bytes)
+            try:
+                with anyio.fail_after(UPLOAD_SECONDS):
+                    data = await read_upload(request, max_upload_bytes)
+            except TimeoutError:
+                raise UploadError(408, f"the upload did not arrive within {UPLOAD_SECONDS:g} s") from None
             fmt = check_content(data)
             t1 = time.perf_counter()
             try:
