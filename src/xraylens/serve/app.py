@@ -178,7 +178,7 @@ def create_app(
 
     token: bearer token /model and /predict require (None: open). methods: the CAM methods offered
     (default: all but Score-CAM). max_batch: images per model pass when requests queue up together
-    (default 4; on a 2-core CPU, 15 % more requests/s than one at a time; see docs/benchmarks.md).
+    (default 4; on a 2-core CPU, 18 % more requests/s than one at a time; see docs/benchmarks.md).
     max_pixels: the decoder's pixel limit (default `XRAYLENS_MAX_PIXELS`, as in training).
     allowed_hosts: Host header values accepted (None: any); `serve_run` sets the loopback names for a
     loopback bind, so a web page on another site cannot reach the server by DNS rebinding."""

@@ -5,7 +5,7 @@ Why a worker and not a lock: the CAM engine registers hooks on the model, so two
 interleave, and a single owner thread guarantees it. While one pass runs, new requests queue; the next
 pass takes every queued image with the same methods and target (up to `max_batch`) at once. Nothing
 waits for a batch to fill: an image that arrives alone runs alone. On a 2-core CPU at concurrency 4,
-passes of up to 4 images served 15 % more requests/s than one at a time, with a lower p99 (docs/benchmarks.md).
+passes of up to 4 images served 18 % more requests/s than one at a time, with a lower p99 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
