@@ -14,25 +14,13 @@ import pytest
 
 from xraylens.cli import main
 from xraylens.config import RunConfig
-from xraylens.train.loop import train
 
 
 @pytest.fixture(scope="module")
-def env(fixture_dir, tmp_path_factory):
+def env(fixture_dir, tiny_run, tmp_path_factory):
     """A tiny trained run, a data folder, an annotation file and a few bad files."""
     root = tmp_path_factory.mktemp("cli_errors")
-    run = root / "run"
-    cfg = RunConfig().apply(
-        {
-            "data.path": fixture_dir / "pneumonia",
-            "model.name": "tinyvgg",
-            "data.image_size": 32,
-            "train.epochs": 1,
-            "train.batch_size": 8,
-            "train.device": "cpu",
-        }
-    )
-    train(cfg, run, progress=False)
+    run = tiny_run
     (root / "afile").write_text("not a folder\n")
     (root / "utf16.csv").write_text("path,label\nx.png,a\n", encoding="utf-16")
     (root / "binary.csv").write_bytes(bytes(range(256)) * 4)

@@ -18,17 +18,6 @@ from xraylens.report import build_report
 from xraylens.report import figures as F
 from xraylens.report import sections as S
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 EVIL_CLASS = "pneu<script>alert(1)<"  # a class-folder name (no '/' possible) that is also HTML
 EVIL_FILE = "bad<b>x.png"
 
@@ -277,16 +266,14 @@ def test_demo_ends_with_its_report(tmp_path, fixture_dir):
     assert page.section_imgs["localization"] == 1 and page.section_imgs["training"] == 1
 
 
-def test_screenshot_of_the_first_screen(runs, tmp_path):
-    if not CHROMIUM.is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM}: run `bash scripts/system-deps.sh` as root to install it")
+def test_screenshot_of_the_first_screen(runs, tmp_path, chromium_launch):
     from playwright.sync_api import sync_playwright
 
     path = build_report(runs["full"])
     shot = tmp_path / "report-first-screen.png"
     requests: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(**chromium_launch)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.on("request", lambda r: requests.append(r.url))

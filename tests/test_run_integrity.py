@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
 import xraylens.runs as runs_mod
 from xraylens.cli import app
@@ -18,25 +19,9 @@ from xraylens.io import lock_dir
 from xraylens.train.loop import train
 
 
-def _cfg(data, **over) -> RunConfig:
-    return RunConfig().apply(
-        {
-            "data.path": data,
-            "model.name": "tinyvgg",
-            "data.image_size": 32,
-            "train.epochs": 1,
-            "train.batch_size": 8,
-            "train.device": "cpu",
-            **over,
-        }
-    )
-
-
 @pytest.fixture(scope="module")
-def pneu_run(fixture_dir, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("integrity") / "run"
-    train(_cfg(fixture_dir / "pneumonia"), run, progress=False)
-    return run
+def pneu_run(tiny_run) -> Path:
+    return tiny_run
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -67,7 +52,7 @@ def test_overlays_show_every_class_and_keep_one_extension(pneu_run, tmp_path):
 def test_second_train_into_a_locked_run_fails_at_once(fixture_dir, tmp_path):
     out = tmp_path / "run"
     with lock_dir(out, "train"), pytest.raises(XraylensError, match="in use by another xraylens train"):
-        train(_cfg(fixture_dir / "pneumonia"), out, progress=False)
+        train(tiny_config(fixture_dir / "pneumonia"), out, progress=False)
     assert not (out / "config.yaml").exists()  # the loser wrote nothing
 
 
@@ -76,7 +61,7 @@ def test_run_works_from_any_directory(fixture_dir, tmp_path, monkeypatch):
     (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     (tmp_path / "a" / "data").symlink_to(fixture_dir / "pneumonia", target_is_directory=True)
-    train(_cfg(Path("data")), Path("run"), progress=False)  # relative data and run paths
+    train(tiny_config(Path("data")), Path("run"), progress=False)  # relative data and run paths
     assert Path(RunConfig.load(tmp_path / "a" / "run" / "config.yaml").data.path).is_absolute()
     monkeypatch.chdir(tmp_path / "b")
     m = evaluate_run(tmp_path / "a" / "run", split="val", device="cpu")

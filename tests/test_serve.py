@@ -25,31 +25,16 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from xraylens.config import RunConfig
 from xraylens.errors import XraylensError
 from xraylens.runs import open_run
 from xraylens.serve.app import check_serve_options, create_app, is_loopback, read_token
-from xraylens.train.loop import train
 
-CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "s3cret-token-0123456789"
 
 
 @pytest.fixture(scope="module")
-def run_dir(fixture_dir, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("serve") / "run"
-    cfg = RunConfig().apply(
-        {
-            "data.path": fixture_dir / "pneumonia",
-            "model.name": "tinyvgg",
-            "data.image_size": 32,
-            "train.epochs": 1,
-            "train.batch_size": 8,
-            "train.device": "cpu",
-        }
-    )
-    train(cfg, run, progress=False)
-    return run
+def run_dir(tiny_run) -> Path:
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -425,21 +410,7 @@ def test_loopback_server_refuses_foreign_host_header(server):
 # ------------------------------------------------------------------------------------------ the page
 
 
-BROWSER_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def test_page_in_a_real_browser(server, images, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: run scripts/system-deps.sh as root to install Debian's Chromium")
+def test_page_in_a_real_browser(server, images, tmp_path, chromium_launch):
     from playwright.sync_api import sync_playwright
 
     # which method's map differs from Grad-CAM's for this image: switching to it must change the overlay
@@ -451,7 +422,7 @@ def test_page_in_a_real_browser(server, images, tmp_path):
         shots.append(Path(os.environ["XRAYLENS_SCREENSHOTS"]))
         shots[-1].mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        browser = p.chromium.launch(**chromium_launch)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 760})
             errors: list[str] = []
@@ -529,14 +500,12 @@ def test_queued_images_share_a_pass_with_the_same_results(loaded, images):
             np.testing.assert_allclose(g.maps[m], r.maps[m], atol=1e-4)
 
 
-def test_page_with_a_token_in_a_real_browser(loaded, images):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: run scripts/system-deps.sh as root to install Debian's Chromium")
+def test_page_with_a_token_in_a_real_browser(loaded, images, chromium_launch):
     from playwright.sync_api import sync_playwright
 
     with _thread_server(create_app(loaded, token=TOKEN)) as port:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+            browser = p.chromium.launch(**chromium_launch)
             try:
                 page = browser.new_page()
                 page.goto(f"http://127.0.0.1:{port}/")

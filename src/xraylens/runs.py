@@ -156,8 +156,15 @@ def open_source(config: RunConfig, data: str | Path | None = None, *, grouped: b
         raise XraylensError("no data given: pass --data DIR (folder splits, a CSV manifest or an .npz)")
     if is_plain_image_folder(path):
         return load_image_folder(path)
+    return config_source(config, path, grouped=grouped)
+
+
+def config_source(config: RunConfig, data: str | Path | None = None, *, grouped: bool = True) -> SourceSet:
+    """`load_source` of `data` (default: the config's) with the config's val split and, when `grouped`,
+    its patient grouping: the one place a config becomes a dataset's records."""
+    d = config.data
     return load_source(
-        path,
+        data if data is not None else d.path,
         val_fraction=d.val_fraction,
         seed=d.split_seed,
         group_pattern=d.group_pattern if grouped else None,

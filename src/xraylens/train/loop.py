@@ -24,14 +24,22 @@ from torch import nn
 from xraylens.config import RunConfig, flag_name
 from xraylens.data.augment import GpuAugment
 from xraylens.data.loader import iterate_batches
-from xraylens.data.sources import compile_group_pattern, load_source
+from xraylens.data.sources import compile_group_pattern
 from xraylens.data.splits import write_splits_csv
 from xraylens.errors import XraylensError
 from xraylens.io import LOCK_NAME, lock_dir, write_csv, write_json
 from xraylens.metrics import checked_score, compute_metrics, metric_selector
 from xraylens.ops import class_probabilities_np
 from xraylens.progress import progress_bar
-from xraylens.runs import InputSettings, build_model, cached_split, ce_loss, predict_logits, read_checkpoint
+from xraylens.runs import (
+    InputSettings,
+    build_model,
+    cached_split,
+    ce_loss,
+    config_source,
+    predict_logits,
+    read_checkpoint,
+)
 from xraylens.runtime import resolve_device, seed_everything
 from xraylens.train.checkpoint import save_checkpoint
 from xraylens.train.losses import build_loss, loss_key
@@ -189,13 +197,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 def load_data(cfg: RunConfig, progress: bool = False):
     """Source, cached train/val splits and the data report, through the one data path."""
     d = cfg.data
-    source = load_source(
-        d.path,
-        val_fraction=d.val_fraction,
-        seed=d.split_seed,
-        group_pattern=d.group_pattern,
-        group_column=d.group_column,
-    )
+    source = config_source(cfg)
     train = cached_split(cfg, source, d.train_split, progress=progress)
     val = cached_split(cfg, source, d.val_split, progress=progress)
     for name, c in ((d.train_split, train), (d.val_split, val)):

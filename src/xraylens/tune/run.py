@@ -311,18 +311,12 @@ def _record_run(trial: optuna.Trial, run_dir: Path, seconds: float) -> None:
 
 def _class_counts(cfg: RunConfig, cache: dict[tuple, list[int]]) -> list[int]:
     """Training images per class of the trial's split (listed files; no decoding)."""
-    from xraylens.data.sources import load_source
+    from xraylens.runs import config_source
 
     d = cfg.data
     key = (d.path, d.val_fraction, d.split_seed, d.group_pattern, d.group_column, d.train_split)
     if key not in cache:
-        source = load_source(
-            d.path,
-            val_fraction=d.val_fraction,
-            seed=d.split_seed,
-            group_pattern=d.group_pattern,
-            group_column=d.group_column,
-        )
+        source = config_source(cfg)
         labels = [r.label for r in source.split(d.train_split)]
         if not labels:
             raise XraylensError(f"{d.path} has no {d.train_split!r} images to weight the classes by")
