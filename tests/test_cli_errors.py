@@ -32,6 +32,7 @@ def env(fixture_dir, tiny_run, tmp_path_factory):
         "BINARY": str(root / "binary.csv"),
         "BOXES": str(fixture_dir / "cxr_bbox" / "BBox_List_256.csv"),
         "IMAGES": str(fixture_dir / "cxr_bbox" / "images"),
+        "SEGDATA": str(fixture_dir / "lung_seg"),
         "MISSING": str(root / "missing"),
         "RO": "/proc/xraylens-run",
     }
@@ -66,6 +67,9 @@ LOCALIZE = [
     "--out",
     "MISSING",
 ]
+
+SEGMENT = ["segment", "train", "--data", "SEGDATA", "--device", "cpu", "--quiet", "--out", "MISSING"]
+SEGPREDICT = ["segment", "predict", "RUN", "--data", "IMAGES", "--device", "cpu", "--quiet", "--out", "MISSING"]
 
 TUNE = [
     "tune",
@@ -158,6 +162,23 @@ BAD = [
     (LOCALIZE + ["--annotation-size", "0"], "--annotation-size"),
     (LOCALIZE + ["--methods", "nope"], "nope"),
     (LOCALIZE + ["--target", "true"], "true"),
+    (LOCALIZE + ["--border", "0.5"], "--border"),
+    (LOCALIZE + ["--corner", "0"], "--corner"),
+    (SEGMENT + ["--epochs", "0"], "--epochs"),
+    (SEGMENT + ["--batch-size", "0"], "--batch-size"),
+    (SEGMENT + ["--image-size", "100"], "--image-size"),
+    (SEGMENT + ["--lr", "nan"], "--lr"),
+    (SEGMENT + ["--val-fraction", "1"], "--val-fraction"),
+    (SEGMENT + ["--encoder", "nope"], "nope"),
+    (SEGMENT + ["--augment", "nope"], "nope"),
+    (SEGMENT + ["--device", "nope"], "nope"),
+    (["segment", "train", "--data", "MISSING", "--out", "MISSING"], "does not exist"),
+    (["segment", "train", "--data", "IMAGES", "--out", "MISSING"], "pairs.csv"),
+    (["segment", "train", "--data", "SEGDATA", "--out", "RUN"], "already holds a run"),
+    (SEGPREDICT, "not a segmentation run"),
+    (["segment", "predict", "MISSING", "--data", "IMAGES", "--out", "MISSING"], "not a segmentation run"),
+    (SEGPREDICT + ["--threshold", "1"], "--threshold"),
+    (SEGPREDICT + ["--batch-size", "0"], "--batch-size"),
     (["localize", "RUN", "--annotations", "BOXES", "--format", "nope"], "nope"),
     (["localize", "RUN", "--annotations", "MISSING", "--format", "nih"], "not found"),
     (["demo", "--epochs", "0", "--out", "MISSING"], "--epochs"),

@@ -249,3 +249,59 @@ def test_matches_quantus_without_tolerance():
     np.testing.assert_allclose(energy_pointing_game(maps, masks).numpy()[:-1], q_rma[:-1], rtol=1e-5)
     # where we differ on purpose: Quantus scores an image without annotation as a hit, we skip it
     assert q_pg[-1] == 1.0 and math.isnan(ours[-1])
+
+
+def test_border_and_corner_energy_known_values():
+    from xraylens.localize.metrics import border_energy, border_region, corner_energy, corner_region
+
+    assert int(border_region(20, 20, 0.1).sum()) == 400 - 16 * 16
+    assert int(corner_region(20, 20, 0.15).sum()) == 4 * 9
+    maps = torch.zeros(3, 1, 20, 20)
+    maps[0, 0, 0, 0] = 1.0  # all energy in a corner (and so in the band)
+    maps[1, 0, 10, 10] = 1.0  # all in the middle
+    maps[2] = 1.0  # uniform: the regions' area shares
+    assert border_energy(maps, 0.1).tolist() == pytest.approx([1.0, 0.0, 144 / 400])
+    assert corner_energy(maps, 0.15).tolist() == pytest.approx([1.0, 0.0, 36 / 400])
+    assert corner_energy(torch.zeros(1, 1, 20, 20)).tolist() == [0.0]  # no energy: 0, like the energy game
+    with pytest.raises(XraylensError, match="--border"):
+        border_energy(maps, 0.5)
+    with pytest.raises(XraylensError, match="--corner"):
+        corner_energy(maps, 0.0)
+
+
+def test_lung_energy_rises_on_the_lesion_box_and_falls_off_it(tmp_path):
+    """Phantoms with known boxes: the mask-energy share (box as the mask) follows a CAM blob moved
+    from far away onto the box, and drops again when it is moved off."""
+    from xraylens.data.annotations import read_nih, shapes_on_images
+    from xraylens.data.cache import prepare_image
+    from xraylens.data.phantom import write_phantom
+    from xraylens.localize.metrics import mask_energy_ratio
+
+    root = write_phantom(tmp_path / "ph", n_train=0, n_val=0, n_test=12, size=64, seed=0)
+    annots = read_nih(root / "boxes.csv")
+    files = sorted((root / "test" / "opacity").glob("*.png"))
+    assert files
+    geoms = [prepare_image(f, 64)[1] for f in files]
+    shapes = shapes_on_images([f.name for f in files], annots, geoms, None, None)
+    masks = torch.from_numpy(rasterize_batch(shapes, geoms))
+    ys, xs = torch.meshgrid(torch.arange(64.0) + 0.5, torch.arange(64.0) + 0.5, indexing="ij")
+
+    def blob(cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-((xs - cx[:, None, None]) ** 2 + (ys - cy[:, None, None]) ** 2) / (2 * 3.0**2))[:, None]
+
+    rr, cc = torch.nonzero(masks[:, 0], as_tuple=True)[1:]
+    n = masks.flatten(1).sum(1).float()
+    cy = torch.stack([rr[torch.nonzero(masks[:, 0], as_tuple=True)[0] == i].float().mean() for i in range(len(files))])
+    cx = torch.stack([cc[torch.nonzero(masks[:, 0], as_tuple=True)[0] == i].float().mean() for i in range(len(files))])
+    assert bool((n > 0).all())
+    cy, cx = cy + 0.5, cx + 0.5  # pixel centres of the box
+    far_x, far_y = torch.where(cx < 32, 60.0, 4.0), torch.where(cy < 32, 60.0, 4.0)  # the opposite corner
+    uniform = mask_energy_ratio(torch.ones(len(files), 1, 64, 64), masks).energy_fraction
+    shares = []
+    for t in (0.0, 0.5, 1.0):  # far -> halfway -> on the box
+        m = blob(far_x + t * (cx - far_x), far_y + t * (cy - far_y))
+        shares.append(mask_energy_ratio(m, masks).energy_fraction)
+    assert bool((shares[0] < uniform).all()) and bool((shares[2] > uniform).all())
+    assert bool((shares[0] <= shares[1]).all()) and bool((shares[1] < shares[2]).all())
+    off = mask_energy_ratio(blob(far_x, far_y), masks).energy_fraction  # and moved off again
+    assert bool((off < shares[2]).all())

@@ -371,6 +371,58 @@ def mask_energy_ratio(maps: torch.Tensor, masks: torch.Tensor) -> MaskEnergy:
     return MaskEnergy(frac, norm, ratio)
 
 
+def border_region(h: int, w: int, width: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool [H, W]: the band of `width` (a fraction of each side: round(width*H) rows at the top and
+    bottom, round(width*W) columns left and right, at least one pixel) along the image edge."""
+    if not 0 < width < 0.5:
+        raise XraylensError(f"--border must be in (0, 0.5) (a fraction of the side), got {width}")
+    bh, bw = max(1, round(width * h)), max(1, round(width * w))
+    r = torch.zeros(h, w, dtype=torch.bool, device=device)
+    r[:bh], r[-bh:], r[:, :bw], r[:, -bw:] = True, True, True, True
+    return r
+
+
+def corner_region(h: int, w: int, size: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool [H, W]: the four corner rectangles of round(size*H) x round(size*W) pixels (at least one)."""
+    if not 0 < size <= 0.5:
+        raise XraylensError(f"--corner must be in (0, 0.5] (a fraction of the side), got {size}")
+    ch, cw = max(1, round(size * h)), max(1, round(size * w))
+    r = torch.zeros(h, w, dtype=torch.bool, device=device)
+    for rows in (slice(0, ch), slice(h - ch, h)):
+        for cols in (slice(0, cw), slice(w - cw, w)):
+            r[rows, cols] = True
+    return r
+
+
+@torch.no_grad()
+def region_energy(maps: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Share of each map's POSITIVE energy inside one fixed `region` (bool [H, W], the same for every
+    image: a border band, the corners), [B] float32; 0 when the map has no positive energy. A uniform
+    map scores the region's area share, so compare with the baselines."""
+    m = _bhw(maps)
+    if region.shape != m.shape[-2:]:
+        raise XraylensError(f"region {tuple(region.shape)} does not match maps {tuple(m.shape)}")
+    p = m.float().clamp(min=0)
+    e_in = (p * region.to(p.device)).sum((-2, -1))
+    e_tot = p.sum((-2, -1))
+    return torch.where(e_tot > 0, e_in / e_tot.clamp(min=1e-30), torch.zeros_like(e_in))
+
+
+@torch.no_grad()
+def border_energy(maps: torch.Tensor, width: float = 0.1) -> torch.Tensor:
+    """Share of positive CAM energy in the edge band of `width` (fraction of the side), [B]: where
+    burned-in markers, collimation edges and the void around the body live."""
+    m = _bhw(maps)
+    return region_energy(m, border_region(m.shape[-2], m.shape[-1], width, m.device))
+
+
+@torch.no_grad()
+def corner_energy(maps: torch.Tensor, size: float = 0.15) -> torch.Tensor:
+    """Share of positive CAM energy in the four corner squares of side `size` (fraction of the side), [B]."""
+    m = _bhw(maps)
+    return region_energy(m, corner_region(m.shape[-2], m.shape[-1], size, m.device))
+
+
 @torch.no_grad()
 def iou_at_percentile(maps: torch.Tensor, masks: torch.Tensor, percentile: float = 90.0) -> torch.Tensor:
     """IoU between the annotation and the map thresholded at its own percentile, [B] float32.

@@ -3,8 +3,10 @@
 For every annotated image of a split (or a plain image folder) and every CAM method, beside the
 centre-point and uniform-random baselines: pointing game (any / all instances, tolerance in
 original pixels), energy pointing game, IoU of the top-percentile map, the CAM-in-mask energy
-ratio for mask annotations, and optionally deletion/insertion AUC. Writes a per-image CSV and
-a summary (CSV + JSON) of mean accuracy per method and class, as seed 003's batch evaluation does.
+ratio for mask annotations (e.g. lung masks from `xraylens segment predict`), the share of energy
+in an edge band and in the corners (where shortcuts live), and optionally deletion/insertion AUC.
+Writes a per-image CSV and a summary (CSV + JSON) of mean accuracy per method and class, as seed
+003's batch evaluation does.
 """
 
 from __future__ import annotations
@@ -57,11 +59,25 @@ class ImageResult:
     constant: bool
     deletion_auc: float | None = None
     insertion_auc: float | None = None
+    # shares of positive CAM energy in the edge band and in the corners (annotation-free shortcut checks)
+    border_energy: float | None = None
+    corner_energy: float | None = None
 
 
 # columns of localization.csv, in order ("cls" is written as "class")
 PER_IMAGE = [f.name if f.name != "cls" else "class" for f in fields(ImageResult)]
-SCORES = ("hit", "hit_all", "distance", "energy", "iou", "mask_ratio", "deletion_auc", "insertion_auc")
+SCORES = (
+    "hit",
+    "hit_all",
+    "distance",
+    "energy",
+    "iou",
+    "mask_ratio",
+    "deletion_auc",
+    "insertion_auc",
+    "border_energy",
+    "corner_energy",
+)
 
 
 @dataclass
@@ -100,16 +116,21 @@ def localize_run(
     which: str = "best",
     seed: int = 0,
     ref_size: tuple[float, float] | None = None,
+    border: float = 0.1,
+    corner: float = 0.15,
 ) -> LocalizeSummary:
     """Localisation metrics of a run's CAMs on annotated images; writes localization*.csv/json to `out`.
 
     `ref_size` (width, height): the image size the annotation coordinates refer to, when the image
-    files were resized after annotation (e.g. NIH boxes drawn at 1024 px on 256 px copies)."""
+    files were resized after annotation (e.g. NIH boxes drawn at 1024 px on 256 px copies).
+    `border` / `corner`: the edge band's width and the corner squares' side, as fractions of the image
+    side, for the `border_energy` and `corner_energy` columns."""
     from xraylens.explain.methods import resolve_methods
 
     method_list = resolve_methods(methods)
     check_positive(batch_size=batch_size, steps=steps)
     check_metric_args(tolerance=tolerance, smooth=smooth, percentile=percentile)
+    loc.border_region(2, 2, border), loc.corner_region(2, 2, corner)  # ranges, before anything is read
     annots = ann.read_annotations(annotations, fmt, skip_bad)
     run = open_run(run, which=which, device=device)
     check_cam_settings(run, layers, combine, "logit", target, data)
@@ -151,12 +172,14 @@ def localize_run(
         cls = [_class_of(run, cached, i, labelled, annots.get(keys[i])) for i in idx]
         classes_seen += cls
         n_annotated += int(union.flatten(1).any(1).sum())
+        band, corners = loc.border_region(h, w, border, dev), loc.corner_region(h, w, corner, dev)
         for m in names:
             maps = batch_maps[m]
             pg = loc.pointing_game(maps, instance_masks=inst, tolerance=tolerance, scale=scale, smooth_sigma=smooth)
             energy = loc.energy_pointing_game(maps, masks=union)
             iou = loc.iou_at_percentile(maps, union, percentile)
             ratio = loc.mask_energy_ratio(maps, union).area_normalised if fmt == "masks" else None
+            e_band, e_corner = loc.region_energy(maps, band), loc.region_energy(maps, corners)
             dele = ins = None
             if faithfulness and not m.startswith("baseline"):
                 dele = deletion_insertion(run.model, x, maps, res.targets, steps=steps, mode="deletion").auc
@@ -182,6 +205,8 @@ def localize_run(
                         constant=bool(pg.constant[j]),
                         deletion_auc=_v(dele[j]) if dele is not None else None,
                         insertion_auc=_v(ins[j]) if ins is not None else None,
+                        border_energy=_v(e_band[j]),
+                        corner_energy=_v(e_corner[j]),
                     )
                 )
 
@@ -202,6 +227,8 @@ def localize_run(
         "tolerance": tolerance,
         "smooth": smooth,
         "percentile": percentile,
+        "border": border,
+        "corner": corner,
         "target": str(target),
         "annotation_size": list(ref_size) if ref_size else None,
         "n_images": int(len(indices)),
