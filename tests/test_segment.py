@@ -131,6 +131,11 @@ def test_predict_refuses_colliding_names_and_wrong_runs(segrun, tmp_path, fixtur
         predict_masks(segrun, tmp_path / "imgs", tmp_path / "out", device="cpu", progress=False)
     with pytest.raises(XraylensError, match="not a segmentation run"):
         predict_masks(fixture_dir, tmp_path / "imgs", tmp_path / "out", device="cpu", progress=False)
+    # masks written inside the image folder are not taken for images when the call resumes
+    (tmp_path / "imgs" / "b" / "x.png").unlink()
+    for _ in range(2):
+        s = predict_masks(segrun, tmp_path / "imgs", tmp_path / "imgs" / "masks", device="cpu", progress=False)
+    assert (s.written, s.kept) == (0, 1)
 
 
 def test_cli_trains_and_predicts(fixture_dir, tmp_path, capsys):

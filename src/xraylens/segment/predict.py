@@ -91,7 +91,12 @@ def predict_masks(
         raise XraylensError(f"--batch-size must be 1 or more, got {batch_size}")
     run_dir = Path(run_dir)
     read_config(run_dir)  # a wrong SEGRUN is reported before the folder is scanned
-    records = load_image_folder(data).records
+    out = Path(out)
+    # masks written inside --data must not come back as images on the next (resuming) call
+    masks_dir = out.resolve()
+    records = [r for r in load_image_folder(data).records if not Path(r.path).resolve().is_relative_to(masks_dir)]
+    if not records:
+        raise XraylensError(f"no images under {data} outside {out}; pass a folder of images as --data")
     names: dict[str, str] = {}
     for r in records:
         stem = Path(r.id).stem
@@ -102,7 +107,6 @@ def predict_masks(
         names[stem.lower()] = r.id
     dev = resolve_device(device)
     cfg, model, ckpt = _load(run_dir, dev)
-    out = Path(out)
     newest_input = ckpt.stat().st_mtime_ns
     rows: list[list] = []
     failed: list[tuple[str, str]] = []
