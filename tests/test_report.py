@@ -146,6 +146,8 @@ def test_full_report_is_self_contained_with_every_section_and_figure(runs):
         "localization": 1,
     }
     assert len(html) < 2_000_000
+    loc = page.section_text("localization")
+    assert "border energy" in loc and "corner energy" in loc  # the shortcut places, beside the baselines
     data = page.section_text("data")
     assert "Images per class and split" in data and "Skipped files (1)" in data and "one by one" in data
     loc = page.section_text("localization")

@@ -721,6 +721,9 @@ LOC_COLUMNS = (
     ("energy", "energy in box"),
     ("iou", "IoU"),
     ("mask_ratio", "mask ratio"),
+    # where shortcuts live: share of the map in the image's border band and its corners
+    ("border_energy", "border energy"),
+    ("corner_energy", "corner energy"),
 )
 
 
