@@ -71,6 +71,8 @@ LOCALIZE = [
 SEGMENT = ["segment", "train", "--data", "SEGDATA", "--device", "cpu", "--quiet", "--out", "MISSING"]
 SEGPREDICT = ["segment", "predict", "RUN", "--data", "IMAGES", "--device", "cpu", "--quiet", "--out", "MISSING"]
 
+CYCLE = ["cycle", "RUN", "--data", "DATA", "--lung-model", "MISSING", "--device", "cpu", "--quiet", "--out", "MISSING"]
+
 TUNE = [
     "tune",
     "--data",
@@ -181,6 +183,19 @@ BAD = [
     (SEGPREDICT + ["--batch-size", "0"], "--batch-size"),
     (["localize", "RUN", "--annotations", "BOXES", "--format", "nope"], "nope"),
     (["localize", "RUN", "--annotations", "MISSING", "--format", "nih"], "not found"),
+    (CYCLE + ["--cycles", "0"], "--cycles"),
+    (CYCLE + ["--strength", "1.5"], "--strength"),
+    (CYCLE + ["--strength", "nan"], "--strength"),
+    (CYCLE + ["--emphasis", "nope"], "nope"),
+    (CYCLE + ["--epochs", "0"], "--epochs"),
+    (CYCLE + ["--train-last", "-1"], "--train-last"),
+    (CYCLE + ["--batch-size", "0"], "--batch-size"),
+    (CYCLE + ["--lr", "-1"], "--lr"),
+    (CYCLE + ["--method", "nope"], "nope"),
+    (CYCLE, "not a segmentation run"),
+    (["cycle", "RUN", "--data", "DATA", "--lung-model", "RUN", "--out", "MISSING"], "not a segmentation run"),
+    (["cycle", "MISSING", "--data", "DATA", "--lung-model", "RUN", "--out", "MISSING"], "not found"),
+    (["cycle", "RUN", "--data", "FILE", "--lung-model", "RUN", "--out", "MISSING"], "not a folder"),
     (["demo", "--epochs", "0", "--out", "MISSING"], "--epochs"),
     (["demo", "--data", "MISSING", "--out", "MISSING"], "not found"),
     (["cache", "clear", "--older-than", "soon"], "soon"),

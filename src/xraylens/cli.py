@@ -782,6 +782,58 @@ def segment_predict(
     typer.echo(f"wrote {s.index_path}")
 
 
+@app.command()
+def cycle(
+    run: RunArg,
+    data: Annotated[Path, typer.Option("--data", help="The class-folder dataset the run was trained on; required.")],
+    lung_model: Annotated[
+        Path, typer.Option("--lung-model", help="Run folder of `xraylens segment train` (lung masks); required.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: cycle-K/, masks/, cycles.csv; required.")],
+    cycles: Annotated[int, typer.Option("--cycles", help="Enhancement cycles after cycle 0 (default 1).")] = 1,
+    method: Annotated[str, typer.Option("--method", help="CAM method of the emphasis (default gradcam).")] = "gradcam",
+    emphasis: Annotated[
+        str, typer.Option("--emphasis", help="cam (CAM as weight) or mask (lung mask as weight) (default cam).")
+    ] = "cam",
+    restrict_to_lungs: Annotated[
+        bool, typer.Option("--restrict-to-lungs", help="Multiply the CAM weight by the lung mask (default: off).")
+    ] = False,
+    strength: Annotated[
+        float, typer.Option("--strength", help="Blend s in x*((1-s)+s*w), 0 to 1 (default 0.5).")
+    ] = 0.5,
+    epochs: Annotated[int, typer.Option("--epochs", help="Fine-tuning epochs per cycle (default 1).")] = 1,
+    train_last: Annotated[
+        int, typer.Option("--train-last", help="Backbone stages fine-tuned, plus the head (default 1).")
+    ] = 1,
+    lr: Annotated[float | None, typer.Option("--lr", help="Fine-tuning learning rate (default: the run's).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per CAM batch (default 16).")] = 16,
+    device: DeviceOpt = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar (default: shown).")] = False,
+) -> None:
+    """CAM-guided enhancement cycles: explain, enhance, fine-tune, evaluate; one table row per cycle."""
+    from xraylens.cycle.run import cycle_run, format_table
+
+    rows = cycle_run(
+        run,
+        data,
+        lung_model,
+        out,
+        cycles=cycles,
+        method=method,
+        emphasis=emphasis,
+        restrict_to_lungs=restrict_to_lungs,
+        strength=strength,
+        epochs=epochs,
+        train_last=train_last,
+        lr=lr,
+        device=device,
+        batch_size=batch_size,
+        progress=not quiet,
+    )
+    typer.echo(format_table(rows))
+    typer.echo(f"wrote {out / 'cycles.csv'}")
+
+
 def _describe_methods(command) -> None:
     """--help of every command with --methods lists the methods table's names (imports torch, so only
     when help is asked for)."""

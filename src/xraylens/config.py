@@ -47,6 +47,7 @@ class ModelConfig:
     name: str = "resnet18"
     in_chans: int = 1
     weights: str | None = None  # local pretrained state dict; "hub" asks timm/torchvision (needs internet)
+    init_from: str | None = None  # a run dir or .pt: start from its full weights, head included (fine-tuning)
     head_hidden: list[int] = field(default_factory=list)
     train_last: int | None = None  # train only the last N backbone stages (+ head)
     drop_rate: float = 0.0

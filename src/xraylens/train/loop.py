@@ -37,6 +37,7 @@ from xraylens.runs import (
     cached_split,
     ce_loss,
     config_source,
+    find_checkpoint,
     predict_logits,
     read_checkpoint,
 )
@@ -89,11 +90,22 @@ def check_config(cfg: RunConfig) -> None:
     weights = cfg.model.weights
     if weights and weights != "hub" and not Path(weights).expanduser().is_file():
         raise XraylensError(f"--weights {weights}: no such file; pass a local .pth/.safetensors state dict or 'hub'")
+    if cfg.model.init_from:
+        find_checkpoint(Path(cfg.model.init_from).expanduser())  # a missing run is one line, before decoding
     loss_key(cfg.train.loss)
     _choose("optimizer", cfg.train.optimizer, OPTIMIZERS)
     _choose("schedule", cfg.train.schedule, SCHEDULES)
     metric_selector(cfg.train.select)
     resolve_device(cfg.train.device)
+
+
+def _init_from(model: nn.Module, source: str) -> None:
+    """Load another run's full weights (head included) into a fresh model; shapes must match exactly."""
+    path = find_checkpoint(source)
+    try:
+        model.load_state_dict(read_checkpoint(path)["model"])
+    except RuntimeError as e:
+        raise XraylensError(f"model.init_from {path} does not fit this model: {str(e).splitlines()[0][:200]}") from None
 
 
 def _choose(kind: str, value: str, options: tuple[str, ...]) -> str:
@@ -191,6 +203,8 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         d.cache_dir = str(Path(d.cache_dir).expanduser().resolve())
     if m.weights and m.weights != "hub":
         m.weights = str(Path(m.weights).expanduser().resolve())
+    if m.init_from:
+        m.init_from = str(Path(m.init_from).expanduser().resolve())
     return cfg
 
 
@@ -309,7 +323,10 @@ def _train_locked(
         cfg.model.name,
         device,
     )
-    model = build_model(cfg, weights=ckpt is None).to(device)
+    model = build_model(cfg, weights=ckpt is None)
+    if ckpt is None and cfg.model.init_from:
+        _init_from(model, cfg.model.init_from)
+    model = model.to(device)
     use_cl = cfg.train.channels_last and device.type == "cuda"
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
