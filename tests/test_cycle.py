@@ -79,6 +79,8 @@ def test_one_cycle_writes_the_table_and_a_rerun_skips_it(tiny_run, lung_model, f
     assert stamps == [p.stat().st_mtime_ns for p in enhanced] + [
         (out / "cycle-1/run/checkpoints/best.pt").stat().st_mtime_ns
     ]
+    with pytest.raises(XraylensError, match="strength"):  # finished cycles are not reused under new settings
+        cycle_run(tiny_run, fixture_dir / "pneumonia", lung_model, out, **{**kw, "strength": 0.9})
 
 
 def test_the_view_keeps_the_run_split_and_a_killed_fine_tune_resumes(

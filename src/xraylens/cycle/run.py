@@ -4,6 +4,7 @@ Layout of OUT:
   original/{split}/{class}/<file>   links to the data's images, one folder per split of the STARTING run
                                    (its own val split, patient groups included), so every model is
                                    evaluated on the same unmodified images
+  cycle.json                       the settings (a rerun must match them; only --cycles may grow)
   masks/<stem>.png                 lung masks of every image under --data (`segment predict`, resumable)
   cycle-0/metrics.json             the starting model's rows
   cycle-k/enhanced/train/{class}/<stem>.png, cycle-k/enhanced/{val,test} -> original/{val,test}
@@ -203,6 +204,21 @@ def _enhance_train(run, view: Path, masks: Path, dest: Path, *, method: str, emp
     return len(todo)
 
 
+def _same_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Finished cycles are reused on a rerun, so a rerun must use the settings that made them (only
+    --cycles may grow); a new OUT starts the record."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [k for k in settings if old.get(k) != settings[k]]
+        if changed:
+            k = changed[0]
+            raise XraylensError(
+                f"{path.parent} was made with {k}={old.get(k)!r}, not {settings[k]!r}; use another --out to change it"
+            )
+        return
+    write_json(path, settings)
+
+
 def _finished(run_dir: Path) -> bool:
     """A fine-tune that ran all its epochs (metrics.json is written every epoch, so it does not tell)."""
     last = run_dir / "checkpoints" / "last.pt"
@@ -248,9 +264,22 @@ def cycle_run(
     read_config(lung_model)  # a wrong --lung-model is one line before anything is decoded
     if not (Path(lung_model) / "checkpoints" / "best.pt").is_file():
         raise XraylensError(f"--lung-model {lung_model}: no checkpoints/best.pt; finish `segment train` first")
+    settings = {
+        "run": str(Path(run).resolve()),
+        "data": str(data.resolve()),
+        "lung_model": str(Path(lung_model).resolve()),
+        "method": method,
+        "emphasis": emphasis,
+        "restrict_to_lungs": restrict_to_lungs,
+        "strength": strength,
+        "epochs": epochs,
+        "train_last": train_last,
+        "lr": lr,
+    }
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     with lock_dir(out, "cycle"):
+        _same_settings(out / "cycle.json", settings)
         current = open_run(run, device=device)
         view = out / "original"
         splits = _original_view(current, data, view)
