@@ -147,13 +147,18 @@ class RunFiles:
         return "test" if "test" in self.splits else self.held_out()[0]
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
+    """A run file's text; unreadable or not UTF-8 is a damaged section, not a traceback."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise Damaged(f"{path.name} is not UTF-8 text") from None
     except OSError as e:
         raise Damaged(f"{path.name} cannot be read ({e.strerror})") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -164,12 +169,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise Damaged(f"{path.name} is not UTF-8 text") from None
-    except OSError as e:
-        raise Damaged(f"{path.name} cannot be read ({e.strerror})") from None
+    text = _read_text(path)
     try:
         rows = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as e:
