@@ -535,6 +535,25 @@ def test_internal_errors_are_500_without_a_traceback(loaded, images, monkeypatch
     assert r.status_code == 500 and r.json() == {"detail": "internal server error; see the server log"}
 
 
+def _read_response(s: socket.socket) -> str:
+    """Headers and the whole body: the server may send them in separate segments (TCP_NODELAY)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(v) for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n"))
+                   if k.strip().lower() == b"content-length"), 0)  # fmt: skip
+    while len(body) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode("latin-1")
+
+
 def test_a_trickled_upload_times_out(loaded, monkeypatch):
     import xraylens.serve.app as serve_app
 
@@ -543,5 +562,5 @@ def test_a_trickled_upload_times_out(loaded, monkeypatch):
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n")
         s.sendall(b"Content-Length: 5000\r\n\r\n\x89PNG\r\n\x1a\n")  # ... and nothing more
         s.settimeout(10)
-        answer = s.recv(4096).decode("latin-1")
+        answer = _read_response(s)
     assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer, answer
