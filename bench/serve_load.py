@@ -73,23 +73,14 @@ def ensure_run(run: Path) -> Path:
 def dicom_bytes(seed: int) -> bytes:
     import warnings
 
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from xraylens.data.phantom import dicom_phantom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.PatientName, ds.PatientID = f"{SECRET}^Name", f"{SECRET}-ID"
     rng = np.random.default_rng(seed)
     pixels = (np.add.outer(np.arange(512), np.arange(512)) * 4 + rng.integers(0, 200, (512, 512))).astype(np.uint16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=16)
+        ds = dicom_phantom(pixels)
+        ds.PatientName, ds.PatientID = f"{SECRET}^Name", f"{SECRET}-ID"
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

@@ -63,23 +63,15 @@ def _dicom_bytes(pixels: np.ndarray, **patient) -> bytes:
     import warnings
 
     from pydicom import config
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
+    from xraylens.data.phantom import dicom_phantom
+
     with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore")  # pydicom's warnings about the invalid values set on purpose
         mp.setattr(config.settings, "writing_validation_mode", config.IGNORE)
+        ds = dicom_phantom(pixels)
         for k, v in patient.items():
             setattr(ds, k, v)
-        ds.set_pixel_data(pixels.astype(np.uint16), photometric_interpretation="MONOCHROME2", bits_stored=16)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

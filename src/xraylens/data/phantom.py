@@ -220,3 +220,23 @@ def write_phantom(
     write_csv(out / "boxes.csv", ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""], nih_rows)
     write_csv(out / "annotations_objectcxr.csv", ["image_name", "annotation"], ocxr_rows)
     return out
+
+
+def dicom_phantom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2"):
+    """A minimal secondary-capture CR DICOM dataset holding `pixels` as uint16 (16 bits stored), for
+    tests and benchmarks of the DICOM path; None leaves the pixel data out. Callers set further fields
+    (rescale, window, patient) and `save_as` a path or a buffer."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    if pixels is not None:
+        ds.set_pixel_data(pixels.astype(np.uint16), photometric_interpretation=photometric, bits_stored=16)
+    return ds
