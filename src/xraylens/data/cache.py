@@ -1,13 +1,25 @@
-"""Decode a split once into fixed-size uint8 arrays on disk; every later epoch and run reads those.
+"""Decode a split once into fixed-size uint8 arrays on disk; every later epoch and run maps those.
 
 One preprocessing path for everything: `prepare_image` (centre crop of the original, then bilinear
 resize) is what the cache calls per image and what predict calls for a single image.
 
 The cache folder holds one entry per (dataset, split, settings, file versions): `<key>.npy` with the
-pixels and `<key>.json` with the rest; the JSON is written last and marks the entry complete, and its
-mtime is the entry's last use. The folder stays bounded: a new entry replaces the entry of an older
-version of the same files, least recently used entries go when the total passes the size limit
-(`XRAYLENS_CACHE_MAX`, default 20 GiB), and leftovers of killed writers are removed on the next open.
+pixels ([N, H, W] or [N, C, H, W] uint8) and `<key>.json` with the rest (ids, labels, geometry, each
+file's size + mtime, a CRC-32 per chunk of `CHUNK_ROWS` rows); the JSON is written last and marks the
+entry complete, and its mtime is the entry's last use.
+
+* Memory-mapped: a split is opened with `np.load(mmap_mode="r")`, never read whole, so a split larger
+  than RAM trains; the loader gathers each batch from the map (and may pin it or put it on the GPU
+  when it fits: `data.loader.stage_images`).
+* Incremental: a build writes rows one by one (bounded RAM) and takes every file whose size and mtime
+  are unchanged from the previous entry of the same split and settings, so one changed, added or
+  removed file decodes that file only. A chunk whose checksum fails on open is decoded again (its
+  rows only); a file that failed to decode and is unchanged is not retried.
+* Bounded and tidy: a new entry replaces the entry of an older version of the same files, least
+  recently used entries go when the total passes the size limit (`XRAYLENS_CACHE_MAX`, default
+  20 GiB), and leftovers of killed writers are removed on the next open.
+* Concurrent builders of one entry each write their own temp file and rename it into place: the last
+  one wins, and both wrote the same bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +29,10 @@ import json
 import logging
 import os
 import re
+import struct
+import tempfile
 import time
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,13 +45,13 @@ from PIL import Image
 from xraylens.data.decode import MIN_SIDE, decode_image, max_pixels_setting
 from xraylens.data.records import Geometry, Record, SourceSet, center_crop_box
 from xraylens.errors import DecodeError, XraylensError
-from xraylens.io import atomic_path, write_text
+from xraylens.io import _create_temp, write_text
 from xraylens.progress import progress_bar
 
 # bump when preprocessing or the file layout changes: old cache entries are then never read
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 DEFAULT_MAX_BYTES = 20 * 1024**3
-# a temp file this old belongs to a killed writer, not a live one (a split is written in seconds)
+# a temp file untouched this long belongs to a killed writer: a live one writes rows every moment
 ORPHAN_AGE_S = 3600.0
 # only names this module writes are ever deleted: a cache_dir may point at a folder holding other files
 _ENTRY_RE = re.compile(r"^([^.]+-[0-9a-f]{32})\.(npy|json)$")
@@ -48,9 +63,9 @@ log = logging.getLogger("xraylens.cache")
 
 @dataclass
 class CachedSplit:
-    """One split, decoded and preprocessed, in memory."""
+    """One split, decoded and preprocessed: pixels memory-mapped from the cache file."""
 
-    images: np.ndarray  # uint8 [N, H, W]
+    images: np.ndarray  # uint8 [N, H, W] (or [N, C, H, W]); a read-only np.memmap when loaded from disk
     labels: np.ndarray  # int64 [N]
     ids: list[str]
     geometry: list[Geometry]
@@ -113,13 +128,19 @@ def prepare_image(
 
 
 def split_key(source: SourceSet, split: str, image_size: int | Sequence[int], center_crop: float = 1.0) -> str:
-    """Cache key: format version, every file's id + size + mtime_ns + label, size and crop.
+    """Cache key: format version, settings, every file's id + size + mtime_ns + label.
 
-    Its first part (the lineage) hashes everything but the file versions, so the entry of an edited
-    dataset can find and replace the entry of the same files before the edit.
+    Its first part (the lineage) hashes the settings, the dataset's root and the split only, so the
+    entry of an edited dataset (a file changed, added or removed) finds the entry of the same split
+    before the edit: it replaces it, and its unchanged rows are copied instead of decoded.
     """
+    return _key_and_stamps(source, split, image_size, center_crop)[0]
+
+
+def _key_and_stamps(
+    source: SourceSet, split: str, image_size: int | Sequence[int], center_crop: float
+) -> tuple[str, list[str]]:
     records = source.split(split)
-    lineage = hashlib.sha256()
     head = {
         "v": CACHE_FORMAT_VERSION,
         "kind": source.kind,
@@ -132,24 +153,25 @@ def split_key(source: SourceSet, split: str, image_size: int | Sequence[int], ce
         "max_pixels": max_pixels_setting(),
         "min_side": MIN_SIDE,
     }
-    lineage.update(json.dumps(head, sort_keys=True).encode())
-    for r in records:
-        lineage.update(f"\n{r.id}\t{r.label}".encode())
+    lineage = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
     h = hashlib.sha256(lineage.digest())
-    if source.kind == "npz":
-        h.update(_npz_identity(source, split).encode())
-    for r in records:
-        if r.path is not None:
-            try:
-                st = os.stat(r.path)
-                size, mtime = st.st_size, st.st_mtime_ns
-            except OSError:
-                size, mtime = -1, -1  # missing now: decoding will report it as skipped
-        else:
-            size, mtime = -1, r.array_index
-        h.update(f"\n{r.id}\t{size}\t{mtime}\t{r.label}".encode())
+    npz = _npz_identity(source, split) if source.kind == "npz" else ""
+    stamps = [_stamp(r, npz) for r in records]
+    for r, s in zip(records, stamps, strict=True):
+        h.update(f"\n{r.id}\t{s}\t{r.label}".encode())
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
-    return f"{safe}-{lineage.hexdigest()[:_LINEAGE_HEX]}{h.hexdigest()[: 32 - _LINEAGE_HEX]}"
+    return f"{safe}-{lineage.hexdigest()[:_LINEAGE_HEX]}{h.hexdigest()[: 32 - _LINEAGE_HEX]}", stamps
+
+
+def _stamp(r: Record, npz: str) -> str:
+    """What one file's pixels depend on besides the settings: its size and mtime (or its array row)."""
+    if r.path is None:
+        return f"row {r.array_index} of {npz}"
+    try:
+        st = os.stat(r.path)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return "missing"  # decoding will report it as skipped
 
 
 def _npz_identity(source: SourceSet, split: str) -> str:
@@ -174,8 +196,11 @@ def load_split(
     progress: bool = False,
     max_bytes: int | str | None = None,
 ) -> CachedSplit:
-    """The preprocessed split, from the disk cache or decoded once (then cached atomically).
+    """The preprocessed split, memory-mapped from the disk cache; decoded where the cache lacks it.
 
+    The pixels come back as a read-only `np.memmap` of the cache file, so a split larger than RAM
+    works (pages are read as batches touch them). Only files that are new, changed, or whose chunk of
+    the cache file fails its checksum are decoded; every other row is copied from the previous entry.
     `max_bytes` bounds the cache folder (int bytes, or a size like "20G" / "unlimited"); None reads
     $XRAYLENS_CACHE_MAX, default 20 GiB.
     """
@@ -186,12 +211,17 @@ def load_split(
         )
     out_h, out_w = resolve_size(image_size)
     limit = resolve_max_bytes(max_bytes)  # a bad setting fails before minutes of decoding
-    key = split_key(source, split, (out_h, out_w), center_crop)
+    key, stamps = _key_and_stamps(source, split, (out_h, out_w), center_crop)
     folder = cache_root(cache_dir)
     _tidy(folder)
-    cached = _read_cache(folder, key, source, split)
-    if cached is not None:
-        return cached
+    entry = _open_entry(folder, key)
+    if entry is not None and not entry.bad_rows:
+        _touch(folder / f"{key}.json")
+        return entry.cached(source, key, split)
+    if entry is None:  # nothing for these exact files: start from the previous version of the split
+        entry = _previous_entry(folder, key)
+    elif entry.bad_rows:
+        log.warning("cache entry %s: %d row(s) failed their checksum; decoding those again", key, len(entry.bad_rows))
 
     def job(r: Record) -> tuple[np.ndarray, Geometry]:
         if r.path is None:
@@ -200,56 +230,191 @@ def load_split(
             return prepare_image(source.arrays[split][r.array_index], (out_h, out_w), center_crop)
         return prepare_image(r.path, (out_h, out_w), center_crop)
 
-    images = np.empty((len(records), out_h, out_w), dtype=np.uint8)
-    ok = np.zeros(len(records), dtype=bool)
-    geometry: list[Geometry | None] = [None] * len(records)
-    skipped: list[tuple[str, str]] = []
+    meta: dict[str, Any] = {
+        "format": CACHE_FORMAT_VERSION,
+        "split": split,
+        "source": str(source.root),
+        "created": time.time(),
+        "classes": list(source.classes),
+        "center_crop": center_crop,
+        "ids": [],
+        "labels": [],
+        "geometry": [],
+        "stamps": [],
+        "skipped": [],
+        "skipped_stamps": [],
+        "chunk_rows": CHUNK_ROWS,
+        "crc": [],
+    }
+    writer = _RowWriter(folder, key, len(records))
+    try:
+        n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+        reuse = entry.reusable() if entry is not None else {}
+        with progress_bar(progress, f"decoding {split}", len(records)) as advance:
+            pool = ThreadPoolExecutor(n_workers) if n_workers > 1 and len(records) > 1 else None
+            try:
+                for lo in range(0, len(records), _BLOCK):
+                    block = range(lo, min(lo + _BLOCK, len(records)))
+                    todo = [i for i in block if reuse.get(records[i].id, (None,))[0] != stamps[i]]
+                    # Pillow releases the GIL while decoding and resizing, so threads scale without copies
+                    done = dict(zip(todo, (pool.map if pool else map)(_guarded(job, records), todo), strict=True))
+                    for i in block:
+                        r = records[i]
+                        if i in done:
+                            got = done[i]
+                        else:
+                            got = entry.row(reuse[r.id][1])  # type: ignore[union-attr]
+                        if isinstance(got, str):
+                            meta["skipped"].append([r.id, got])
+                            meta["skipped_stamps"].append(stamps[i])
+                        else:
+                            writer.add(got[0])
+                            meta["ids"].append(r.id)
+                            meta["labels"].append(int(r.label))
+                            meta["geometry"].append(_geometry_to_json(got[1]))
+                            meta["stamps"].append(stamps[i])
+                        advance()
+            finally:
+                if pool is not None:
+                    pool.shutdown()
+        if not meta["ids"]:
+            first = f" (first: {meta['skipped'][0][0]}: {meta['skipped'][0][1]})" if meta["skipped"] else ""
+            raise XraylensError(
+                f"none of the {len(records)} images of split {split!r} in {source.root} could be "
+                f"decoded{first}; check the files"
+            )
+        meta["crc"] = writer.seal()
+        meta["shape"] = [len(meta["ids"]), *writer.row_shape]
+        text = json.dumps(meta, indent=1) + "\n"
+        images = writer.finish(text, limit)
+    except BaseException:
+        writer.abort()
+        raise
+    if writer.cached:
+        _shrink(folder, key, limit)
+    return _Entry(meta, images, set()).cached(source, key, split)
 
-    def run(i: int) -> tuple[int, str | None]:
+
+_BLOCK = 256  # records decoded per round: bounds the RAM a build holds besides the output file
+CHUNK_ROWS = 64  # rows per checksum: a damaged chunk re-decodes these rows only
+
+
+def _guarded(job, records: list[Record]):
+    def run(i: int) -> tuple[np.ndarray, Geometry] | str:
         try:
-            images[i], geometry[i] = job(records[i])
+            return job(records[i])
         except DecodeError as exc:
-            return i, str(exc)
-        ok[i] = True
-        return i, None
+            return str(exc)  # the reason it was skipped
 
-    n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    with progress_bar(progress, f"decoding {split}", len(records)) as advance:
-        if n_workers <= 1 or len(records) < 2:
-            results = (run(i) for i in range(len(records)))
-            for i, reason in results:
-                _note(skipped, records[i], reason)
-                advance()
-        else:
-            # Pillow releases the GIL while decoding and resizing, so threads scale without copies
-            with ThreadPoolExecutor(n_workers) as pool:
-                for i, reason in pool.map(run, range(len(records))):
-                    _note(skipped, records[i], reason)
-                    advance()
-    if not ok.any():
-        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
-        raise XraylensError(
-            f"none of the {len(records)} images of split {split!r} in {source.root} could be "
-            f"decoded{first}; check the files"
-        )
-    keep = np.flatnonzero(ok)
-    result = CachedSplit(
-        images=np.ascontiguousarray(images[keep]) if len(keep) < len(records) else images,
-        labels=np.array([records[i].label for i in keep], dtype=np.int64),
-        ids=[records[i].id for i in keep],
-        geometry=[geometry[i] for i in keep],  # type: ignore[misc]
-        skipped=skipped,
-        classes=list(source.classes),
-        key=key,
-        split=split,
-    )
-    _write_cache(folder, result, center_crop, limit, str(source.root))
-    return result
+    return run
 
 
-def _note(skipped: list[tuple[str, str]], r: Record, reason: str | None) -> None:
-    if reason is not None:
-        skipped.append((r.id, reason))
+def _npy_header(shape: Sequence[int], length: int | None = None) -> bytes:
+    """A .npy v1.0 header for uint8 C-order `shape`, padded to `length` bytes (default: the next
+    multiple of 64). Written first with the most rows a build can yield, rewritten in place with the
+    rows it did yield: fewer rows never need more header bytes."""
+    dims = tuple(int(v) for v in shape)
+    text = "{'descr': '|u1', 'fortran_order': False, 'shape': " + repr(dims) + ", }"
+    if length is None:
+        length = -(-(10 + len(text) + 1) // 64) * 64
+    pad = length - 10 - len(text) - 1
+    if pad < 0:
+        raise AssertionError("npy header grew")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", length - 10) + text.encode("latin1") + b" " * pad + b"\n"
+
+
+class _RowWriter:
+    """Writes rows one by one into a temp .npy beside the entry (checksum per chunk), then publishes
+    it atomically (.npy renamed first, the .json last marks the entry complete)."""
+
+    def __init__(self, folder: Path, key: str, max_rows: int) -> None:
+        self.folder, self.key, self.max_rows = folder, key, max_rows
+        self.row_shape: tuple[int, ...] = ()
+        self.crcs: list[int] = []
+        self.cached = False
+        self._fh = None
+        self._tmp: Path | None = None
+        self._rows = 0
+        self._crc = 0
+        self._header_len = 0
+
+    def _open(self, row: np.ndarray) -> None:
+        self.row_shape = tuple(row.shape)
+        header = _npy_header((self.max_rows, *self.row_shape))
+        self._header_len = len(header)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._tmp = _create_temp(self.folder, f".{self.key}.npy.", ".npy")
+        except OSError:
+            # a read-only or full cache folder costs speed, not correctness: build in the temp dir
+            fd, name = tempfile.mkstemp(prefix="xraylens-", suffix=".npy")
+            os.close(fd)
+            self._tmp = Path(name)
+        self._fh = open(self._tmp, "wb")
+        self._fh.write(header)
+
+    def add(self, row: np.ndarray) -> None:
+        if self._fh is None:
+            self._open(row)
+        if tuple(row.shape) != self.row_shape or row.dtype != np.uint8:
+            raise AssertionError(f"image {row.dtype} {row.shape} differs from the split's {self.row_shape}")
+        data = np.ascontiguousarray(row)
+        self._fh.write(data.data)  # type: ignore[union-attr]
+        self._crc = zlib.crc32(data.data, self._crc)
+        self._rows += 1
+        if self._rows % CHUNK_ROWS == 0:
+            self.crcs.append(self._crc)
+            self._crc = 0
+
+    def seal(self) -> list[int]:
+        """The checksums of every chunk, the last (partial) one included; no row may follow."""
+        if self._rows % CHUNK_ROWS:
+            self.crcs.append(self._crc)
+            self._crc = 0
+        return self.crcs
+
+    def finish(self, meta_text: str, limit: int | None) -> np.ndarray:
+        """Publish the entry (when it fits `limit` and the folder is writable); return the memmap."""
+        fh, tmp = self._fh, self._tmp
+        assert fh is not None and tmp is not None
+        fh.seek(0)
+        fh.write(_npy_header((self._rows, *self.row_shape), self._header_len))
+        fh.truncate(self._header_len + self._rows * int(np.prod(self.row_shape)))
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        self._fh = None
+        images = np.load(tmp, mmap_mode="r")
+        size = tmp.stat().st_size + len(meta_text.encode())
+        if tmp.parent != self.folder or (limit is not None and size > limit):
+            if tmp.parent == self.folder:
+                log.warning(
+                    "split %r (%s) is larger than the cache limit (%s); not cached, so it is decoded again "
+                    "next time: raise XRAYLENS_CACHE_MAX",
+                    self.key.rsplit("-", 1)[0],
+                    format_bytes(size),
+                    format_bytes(limit or 0),
+                )
+            tmp.unlink()  # the mapping keeps the pages readable until it is dropped (POSIX)
+            self._tmp = None
+            return images
+        try:
+            os.replace(tmp, self.folder / f"{self.key}.npy")
+            self._tmp = None
+            # the JSON is written last: its presence marks a complete entry
+            write_text(self.folder / f"{self.key}.json", meta_text)
+            self.cached = True
+        except OSError:
+            pass  # a full disk: the mapping still serves this run
+        return images
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
 
 
 def _geometry_to_json(g: Geometry) -> list:
@@ -266,70 +431,86 @@ def _geometry_from_json(v: list) -> Geometry:
     )
 
 
-def _write_cache(folder: Path, c: CachedSplit, center_crop: float, limit: int | None, source: str) -> None:
-    meta: dict[str, Any] = {
-        "format": CACHE_FORMAT_VERSION,
-        "split": c.split,
-        "source": source,
-        "created": time.time(),
-        "classes": c.classes,
-        "center_crop": center_crop,
-        "shape": list(c.images.shape),
-        "ids": c.ids,
-        "labels": c.labels.tolist(),
-        "geometry": [_geometry_to_json(g) for g in c.geometry],
-        "skipped": [list(s) for s in c.skipped],
-    }
-    text = json.dumps(meta, indent=2) + "\n"
-    size = c.images.nbytes + 128 + len(text.encode())  # 128: the .npy header
-    if limit is not None and size > limit:
-        log.warning(
-            "split %r (%s) is larger than the cache limit (%s); not cached, so it is decoded again "
-            "next time: raise XRAYLENS_CACHE_MAX",
-            c.split,
-            format_bytes(size),
-            format_bytes(limit),
+@dataclass
+class _Entry:
+    """A complete entry on disk: its JSON and its memory-mapped pixels; `bad_rows` failed a checksum."""
+
+    meta: dict[str, Any]
+    images: np.ndarray
+    bad_rows: set[int]
+
+    def cached(self, source: SourceSet, key: str, split: str) -> CachedSplit:
+        m = self.meta
+        return CachedSplit(
+            images=self.images,
+            labels=np.asarray(m["labels"], dtype=np.int64),
+            ids=list(m["ids"]),
+            geometry=[_geometry_from_json(g) for g in m["geometry"]],
+            skipped=[(s[0], s[1]) for s in m["skipped"]],
+            classes=list(source.classes),
+            key=key,
+            split=split,
         )
-        return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / f"{c.key}.npy", suffix=".npy") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, c.images)
-        # the JSON is written last: its presence marks a complete entry
-        write_text(folder / f"{c.key}.json", text)
-    except OSError:
-        # a read-only or full cache folder costs speed, not correctness: carry on uncached
-        return
-    _shrink(folder, c.key, limit)
+
+    def reusable(self) -> dict[str, tuple[str, int | str]]:
+        """id -> (stamp, row or skip reason) of everything this entry can give a new build."""
+        m = self.meta
+        out: dict[str, tuple[str, int | str]] = {}
+        for (rid, why), st in zip(m["skipped"], m["skipped_stamps"], strict=True):
+            out[rid] = (st, why)  # a file that failed to decode, unchanged, fails again: not retried
+        for row, (rid, st) in enumerate(zip(m["ids"], m["stamps"], strict=True)):
+            if row not in self.bad_rows:
+                out[rid] = (st, row)
+        return out
+
+    def row(self, ref: int | str) -> tuple[np.ndarray, Geometry] | str:
+        if isinstance(ref, str):
+            return ref
+        return np.array(self.images[ref]), _geometry_from_json(self.meta["geometry"][ref])
 
 
-def _read_cache(folder: Path, key: str, source: SourceSet, split: str) -> CachedSplit | None:
+def _open_entry(folder: Path, key: str) -> _Entry | None:
+    """The entry `key`, mapped and checksummed; None when missing or unreadable (then rebuilt)."""
     npy, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
     if not (npy.is_file() and meta_path.is_file()):
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        images = np.load(npy, allow_pickle=False)
+        if meta.get("format") != CACHE_FORMAT_VERSION:
+            return None
+        images = np.load(npy, mmap_mode="r", allow_pickle=False)
+        n = len(meta["ids"])
         if (
-            meta.get("format") != CACHE_FORMAT_VERSION
-            or list(images.shape) != meta["shape"]
+            list(images.shape) != meta["shape"]
             or images.dtype != np.uint8
-            or len(meta["ids"]) != len(images)
+            or len(images) != n
+            or not (len(meta["labels"]) == len(meta["geometry"]) == len(meta["stamps"]) == n)
+            or len(meta["skipped"]) != len(meta["skipped_stamps"])
         ):
             return None
-        _touch(meta_path)
-        return CachedSplit(
-            images=images,
-            labels=np.asarray(meta["labels"], dtype=np.int64),
-            ids=list(meta["ids"]),
-            geometry=[_geometry_from_json(g) for g in meta["geometry"]],
-            skipped=[(s[0], s[1]) for s in meta["skipped"]],
-            classes=list(source.classes),
-            key=key,
-            split=split,
-        )
+        rows = int(meta["chunk_rows"])
+        crcs = list(meta["crc"])
+        if len(crcs) != -(-n // rows):
+            return None
+        bad: set[int] = set()
+        for c, want in enumerate(crcs):
+            # one sequential pass over the file: a flipped byte costs its chunk's rows, not the split
+            if zlib.crc32(np.ascontiguousarray(images[c * rows : (c + 1) * rows]).data) != want:
+                bad.update(range(c * rows, min(n, (c + 1) * rows)))
+        return _Entry(meta, images, bad)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None  # a damaged entry is rebuilt, not trusted
+
+
+def _previous_entry(folder: Path, key: str) -> _Entry | None:
+    """The most recently used complete entry of the same split and settings (other file versions)."""
+    lineage = key[: -(32 - _LINEAGE_HEX)]
+    same = [(meta.st_mtime, k) for k, (_, meta) in _complete(folder).items() if k != key and k.startswith(lineage)]
+    for _, k in sorted(same, reverse=True):
+        entry = _open_entry(folder, k)
+        if entry is not None:
+            return entry
+    return None
 
 
 # ---- keeping the folder bounded and tidy -------------------------------------------------------
@@ -398,7 +579,7 @@ def cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry
         try:
             m = json.loads((folder / f"{key}.json").read_text())
             shape = [int(v) for v in m["shape"]]
-            split, n, hw = str(m.get("split", "?")), shape[0], (shape[1], shape[2])
+            split, n, hw = str(m.get("split", "?")), shape[0], (shape[-2], shape[-1])
             source, created = str(m.get("source", "")), float(m.get("created", npy.st_mtime))
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             split, n, hw, source, created = "?", 0, (0, 0), "", npy.st_mtime
