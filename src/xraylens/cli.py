@@ -223,31 +223,29 @@ def evaluate(
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
     device: DeviceOpt = "auto",
     out: Annotated[Path | None, typer.Option("--out", help="Folder for the outputs (default: the run).")] = None,
+    bootstrap: Annotated[
+        int,
+        typer.Option(
+            "--bootstrap",
+            help="Bootstrap replicates for the 95 % intervals of accuracy, sensitivity, specificity, F1, "
+            "QWK and AUC; 0 = no intervals (default 1000).",
+        ),
+    ] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap resampling (default 0).")] = 0,
 ) -> None:
-    """Write metrics-<split>.json and predictions-<split>.csv for a split."""
-    from xraylens.evaluate.run import confusion_text, evaluate_run
+    """Write metrics-<split>.json/.csv and predictions-<split>.csv for a split."""
+    from xraylens.evaluate.run import TABLE_KEYS, confusion_text, evaluate_run
+    from xraylens.metrics import format_ci
 
-    m = evaluate_run(run, data, split, which=checkpoint, device=device, out=out)
-    keys = [
-        "accuracy",
-        "precision_weighted",
-        "recall_weighted",
-        "f1_weighted",
-        "f1_macro",
-        "f05",
-        "f2",
-        "qwk",
-        "auc",
-        "sensitivity",
-        "specificity",
-        "loss",
-    ]
+    m = evaluate_run(run, data, split, which=checkpoint, device=device, out=out, bootstrap=bootstrap, seed=seed)
     typer.echo(f"{split}: {m['n_images']} images" + (f", {len(m['skipped'])} skipped" if m["skipped"] else ""))
-    for k in keys:
+    if m.get("ci"):
+        typer.echo(f"  (95 % bootstrap intervals, {m['ci']['replicates']} replicates, seed {m['ci']['seed']})")
+    for k in TABLE_KEYS:
         if m.get(k) is not None:
-            typer.echo(f"  {k:<20} {m[k]:.4f}")
+            typer.echo(f"  {k:<20} {format_ci(m[k], m.get(f'{k}_ci'), 4)}")
     typer.echo(confusion_text(m, m.get("classes") or []))
-    typer.echo(f"wrote {(out or run)}/metrics-{split}.json and predictions-{split}.csv")
+    typer.echo(f"wrote {(out or run)}/metrics-{split}.json, metrics-{split}.csv and predictions-{split}.csv")
 
 
 @app.command()

@@ -9,7 +9,7 @@ import numpy as np
 
 from xraylens.errors import XraylensError
 from xraylens.io import write_csv, write_json
-from xraylens.metrics import compute_metrics
+from xraylens.metrics import BOOTSTRAP_REPS, CI_METRICS, bootstrap_classification, compute_metrics
 from xraylens.ops import class_probabilities_np
 from xraylens.runs import RunLike, ce_loss, open_run
 
@@ -24,8 +24,14 @@ def evaluate_run(
     out: str | Path | None = None,
     positive: int | None = None,
     progress: bool = False,
+    bootstrap: int = BOOTSTRAP_REPS,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Write `metrics-<split>.json` and `predictions-<split>.csv` into `out` (default: the run dir)."""
+    """Write `metrics-<split>.json`, `metrics-<split>.csv` and `predictions-<split>.csv` into `out`
+    (default: the run dir). With `bootstrap` > 0 replicates, accuracy, sensitivity, specificity, F1, QWK
+    and AUC get 95 % percentile bootstrap intervals over images (`<metric>_ci` = [low, high], seeded)."""
+    if bootstrap < 0:
+        raise XraylensError(f"--bootstrap must be 0 (no intervals) or more replicates, got {bootstrap}")
     run = open_run(run, which=which, device=device)
     classes = run.classes
     source, cached = run.load_split(data, split, progress=progress)
@@ -37,6 +43,8 @@ def evaluate_run(
     logits = run.predict_logits(cached)
     probs = class_probabilities_np(logits)
     metrics = compute_metrics(cached.labels, probs, classes, positive=positive, loss=ce_loss(logits, cached.labels))
+    if bootstrap:
+        metrics.update(bootstrap_classification(cached.labels, probs, positive=positive, reps=bootstrap, seed=seed))
     metrics.update(
         {
             "split": split,
@@ -49,6 +57,7 @@ def evaluate_run(
     )
     out = Path(out) if out else run.run_dir
     write_json(out / f"metrics-{split}.json", metrics)
+    write_csv(out / f"metrics-{split}.csv", ["metric", "value", "ci_low", "ci_high"], _metric_rows(metrics))
     pred = probs.argmax(1)
     rows = (
         [i, classes[t], classes[p], f"{probs[n, p]:.6f}", *[f"{v:.6f}" for v in probs[n]]]
@@ -56,6 +65,32 @@ def evaluate_run(
     )
     write_csv(out / f"predictions-{split}.csv", ["id", "true", "pred", "prob", *[f"p_{c}" for c in classes]], rows)
     return metrics
+
+
+# the scalar figures of metrics-<split>.csv, in the order the CLI prints them
+TABLE_KEYS = (
+    "accuracy",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+    "f1_macro",
+    "f05",
+    "f2",
+    "qwk",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "loss",
+)
+
+
+def _metric_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for k in TABLE_KEYS:
+        v = metrics.get(k)
+        ci = metrics.get(f"{k}_ci") if k in CI_METRICS else None
+        rows.append([k, "" if v is None else f"{v:.6f}", *(["", ""] if not ci else [f"{c:.6f}" for c in ci])])
+    return rows
 
 
 def confusion_text(metrics: dict[str, Any], classes: list[str]) -> str:
