@@ -40,6 +40,8 @@ class DataConfig:
     balanced: bool = False  # class-balanced sampling
     cache_dir: str | None = None
     workers: int | None = None
+    # where a split's pixels live while training: auto | gpu | pinned | mmap (data.loader.stage_images)
+    placement: str = "auto"
 
 
 @dataclass
@@ -73,6 +75,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision, GPU only
     channels_last: bool = True  # GPU only
+    compile: bool = False  # torch.compile the training forward (CUDA only; refused on CPU)
     eval_batch_size: int = 64
 
 

@@ -73,6 +73,8 @@ class CachedSplit:
     classes: list[str] = field(default_factory=list)
     key: str = ""
     split: str = ""
+    # (device, placement) -> the pixels staged on the GPU or in pinned memory (data.loader.stage_images)
+    staged: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(len(self.labels))

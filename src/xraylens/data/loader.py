@@ -1,11 +1,22 @@
 """Batches straight from the cached uint8 arrays, and THE normalisation every command uses.
 
-No per-item Python Dataset: a batch is one fancy-index of the uint8 tensor by a slice of a
+No per-item Python Dataset: a batch is one fancy-index of the uint8 array by a slice of a
 permutation. uint8 travels to the device (4x less than float) and is normalised there.
+
+Where the split's pixels live while batches are drawn (`data.placement`, `stage_images`):
+
+* "mmap": gathered from the cache file's memory map per batch (a split larger than RAM works; the
+  kernel's page cache keeps the hot part);
+* "pinned": copied once into page-locked host memory, so each batch's copy to the GPU is asynchronous;
+* "gpu": copied once onto the GPU, so a batch is an index on the device and nothing crosses the bus;
+* "auto" (default): on CUDA "gpu" when the split takes under `GPU_FRACTION` of the free GPU memory,
+  else "pinned" when it takes under `PINNED_FRACTION` of the available RAM, else "mmap"; on a CPU
+  device always "mmap" (pinning or copying buys nothing there).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -13,6 +24,49 @@ import torch
 
 from xraylens.data.cache import CachedSplit
 from xraylens.errors import XraylensError
+
+PLACEMENTS = ("auto", "gpu", "pinned", "mmap")
+GPU_FRACTION = 0.5  # at most this share of the free GPU memory goes to a resident split
+PINNED_FRACTION = 0.5  # at most this share of the available RAM is page-locked for a split
+
+log = logging.getLogger("xraylens.loader")
+
+
+def resolve_placement(placement: str, nbytes: int, device: torch.device | str | None) -> str:
+    """Where a split of `nbytes` lives for batches drawn for `device` (see the module docstring)."""
+    p = str(placement).lower()
+    if p not in PLACEMENTS:
+        raise XraylensError(f"data.placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type != "cuda":
+        return "mmap"
+    if p != "auto":
+        return p
+    free, _ = torch.cuda.mem_get_info(dev)
+    if nbytes < GPU_FRACTION * free:
+        return "gpu"
+    import psutil
+
+    return "pinned" if nbytes < PINNED_FRACTION * psutil.virtual_memory().available else "mmap"
+
+
+def stage_images(
+    cached: CachedSplit, device: torch.device | str | None = None, placement: str = "auto"
+) -> tuple[str, torch.Tensor | None]:
+    """(placement used, the split's pixels as a tensor on the GPU / in pinned memory, or None for
+    "mmap"). Staged once per (split, device, placement) and kept on the split object."""
+    where = resolve_placement(placement, int(cached.images.nbytes), device)
+    if where == "mmap":
+        return where, None
+    key = (str(device), where)
+    staged = cached.staged.get(key)
+    if staged is None:
+        host = torch.from_numpy(np.array(cached.images))  # one sequential read of the cache file
+        staged = host.to(device) if where == "gpu" else host.pin_memory()
+        cached.staged.clear()  # one resident copy per split
+        cached.staged[key] = staged
+        log.info("split %s: %d images placed %s", cached.split, len(cached), where)
+    return where, staged
 
 
 def epoch_order(
@@ -44,18 +98,36 @@ def iterate_batches(
     seed: int = 0,
     epoch: int = 0,
     drop_last: bool = False,
+    device: torch.device | str | None = None,
+    placement: str = "mmap",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield `(x uint8 [B,1,H,W], y int64 [B], idx int64 [B])`; `idx` indexes `cached.ids` / geometry."""
+    """Yield `(x uint8 [B,C,H,W], y int64 [B], idx int64 [B])`; `idx` indexes `cached.ids` / geometry.
+
+    Grey splits ([N,H,W]) give C = 1. With `placement` "gpu" `x` is already on `device`; with
+    "pinned" it is in page-locked memory (copy it with `non_blocking=True`); "mmap" gathers it from
+    the cache file's map. Every placement yields the same values in the same order.
+    """
     if batch_size < 1:
         raise XraylensError(f"batch_size must be >= 1, got {batch_size}")
-    images = torch.from_numpy(cached.images)  # shares memory with the cache array, no copy
+    where, staged = stage_images(cached, device, placement)
     labels = torch.from_numpy(np.asarray(cached.labels, dtype=np.int64))
-    order = torch.from_numpy(epoch_order(cached.labels, shuffle=shuffle, balanced=balanced, seed=seed, epoch=epoch))
+    order_np = epoch_order(cached.labels, shuffle=shuffle, balanced=balanced, seed=seed, epoch=epoch)
+    order = torch.from_numpy(order_np)
+    if where == "gpu":
+        order_dev = order.to(device)
     n = len(order)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
-        yield images[idx].unsqueeze(1), labels[idx], idx
+        if where == "gpu":
+            x = staged[order_dev[start : start + batch_size]]  # type: ignore[index]
+        elif where == "pinned":
+            out = torch.empty((len(idx), *staged.shape[1:]), dtype=torch.uint8, pin_memory=True)  # type: ignore[union-attr]
+            x = torch.index_select(staged, 0, idx, out=out)  # type: ignore[arg-type]
+        else:
+            # one gather from the map into a fresh (writable) array: only these rows are read
+            x = torch.from_numpy(np.asarray(cached.images[order_np[start : start + batch_size]]))
+        yield (x.unsqueeze(1) if x.ndim == 3 else x), labels[idx], idx
 
 
 def to_model_input(

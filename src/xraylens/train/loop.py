@@ -96,7 +96,15 @@ def check_config(cfg: RunConfig) -> None:
     _choose("optimizer", cfg.train.optimizer, OPTIMIZERS)
     _choose("schedule", cfg.train.schedule, SCHEDULES)
     metric_selector(cfg.train.select)
-    resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
+    from xraylens.data.loader import resolve_placement
+
+    resolve_placement(cfg.data.placement, 0, None)  # a bad name fails before the data is decoded
+    if cfg.train.compile and device.type != "cuda":
+        # inductor on CPU compiles C++ for minutes per model and gains little over eager here
+        raise XraylensError(
+            f"train.compile needs a CUDA device, this run uses {device}; drop --set train.compile=true"
+        )
 
 
 def _init_from(model: nn.Module, source: str) -> None:
