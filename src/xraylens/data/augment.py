@@ -7,7 +7,7 @@ every time. Centre crop is not here: it is preprocessing in the cache (train = e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,15 @@ class GpuAugment(nn.Module):
     """Horizontal flip, affine (rotation + scale), brightness/contrast jitter and elastic deformation.
 
     - `flip`: probability of a horizontal flip per sample (0 disables).
-    - `affine` / `elastic`: the geometric part, applied to each sample with probability `p`
-      (one `grid_sample` for both). Rotation is uniform in ±`degrees`, scale uniform in `scale`;
-      elastic displacement is uniform noise in [-1, 1] smoothed by a Gaussian of `elastic_sigma`
-      pixels, times `elastic_alpha` pixels. Pixels from outside the image are filled with 0, which
-      is the dataset mean after normalisation.
+    - `affine` / `elastic`: the geometric part (one `grid_sample` for both). Affine is applied to
+      each sample with probability `p`: rotation uniform in ±`degrees`, scale uniform in `scale`.
+      Elastic is applied to each sample with probability `elastic_p` (default: `p`; training uses
+      `data.elastic_p`, 0.3): its (alpha, sigma) is drawn per sample, uniformly from
+      `elastic_params` (default the one pair (`elastic_alpha`, `elastic_sigma`)); the displacement
+      is uniform noise in [-1, 1] per pixel and axis, smoothed by a Gaussian of sigma pixels, times
+      alpha pixels (Simard et al. 2003). Pixels from outside the image are filled with 0, which is
+      the dataset mean after normalisation. Every channel of a sample gets the same warp, so the
+      [original, enhanced] channels of `cat_elastic` stay aligned.
     - `jitter`: per sample, x -> (x - mean_x) * contrast + mean_x + brightness with contrast uniform
       in 1 ± `contrast` and brightness uniform in ± `brightness` (normalised units).
     Identity in eval mode and when every part is disabled.
@@ -46,6 +50,8 @@ class GpuAugment(nn.Module):
         elastic: bool = False,
         elastic_alpha: float = 40.0,
         elastic_sigma: float = 6.0,
+        elastic_params: Sequence[tuple[float, float]] | None = None,
+        elastic_p: float | None = None,
         p: float = 1.0,
         padding_mode: str = "zeros",
         seed: int | None = None,
@@ -55,25 +61,31 @@ class GpuAugment(nn.Module):
             raise XraylensError(f"augment probabilities must be in [0, 1], got flip={flip}, p={p}")
         if not 0 < scale[0] <= scale[1]:
             raise XraylensError(f"augment scale range must be 0 < low <= high, got {scale}")
-        if elastic and elastic_sigma <= 0:
-            raise XraylensError(f"elastic_sigma must be > 0, got {elastic_sigma}")
+        pairs = [(float(a), float(sg)) for a, sg in (elastic_params or [(elastic_alpha, elastic_sigma)])]
+        if elastic and (not pairs or any(sg <= 0 or a < 0 for a, sg in pairs)):
+            raise XraylensError(f"elastic (alpha, sigma) pairs need alpha >= 0 and sigma > 0, got {pairs}")
+        elastic_p = p if elastic_p is None else float(elastic_p)
+        if not 0.0 <= elastic_p <= 1.0:
+            raise XraylensError(f"elastic_p must be in [0, 1], got {elastic_p}")
         self.flip, self.affine, self.degrees, self.scale = float(flip), affine, float(degrees), tuple(scale)
         self.jitter, self.brightness, self.contrast = jitter, float(brightness), float(contrast)
-        self.elastic, self.elastic_alpha = elastic, float(elastic_alpha)
-        self.elastic_sigma = float(elastic_sigma)
+        self.elastic, self.elastic_params, self.elastic_p = elastic, pairs, elastic_p
+        self.elastic_alpha, self.elastic_sigma = pairs[0]
         self.p, self.padding_mode, self.seed = float(p), padding_mode, seed
         self._generators: dict[str, torch.Generator] = {}
 
     @classmethod
     def from_names(cls, names: str | Iterable[str] | None, **kwargs) -> GpuAugment:
-        """Build from "flip,affine,jitter,elastic" (any subset, any order) or "none" / ""."""
+        """Build from "flip,affine,jitter,elastic" (any subset, any order; `cat_elastic` = elastic) or "none" / ""."""
         if names is None:
             parts: list[str] = []
         elif isinstance(names, str):
             parts = [n.strip().lower() for n in names.split(",") if n.strip()]
         else:
             parts = [str(n).strip().lower() for n in names if str(n).strip()]
-        parts = [n for n in parts if n != "none"]
+        # the seed workflow's `cat_elastic` names the input ([original, enhanced], see data.enhance)
+        # and elastic deformation together; here only its augmentation part counts
+        parts = ["elastic" if n == "cat_elastic" else n for n in parts if n != "none"]
         unknown = [n for n in parts if n not in AUGMENT_NAMES]
         if unknown:
             raise XraylensError(
@@ -92,16 +104,17 @@ class GpuAugment(nn.Module):
 
     @property
     def enabled(self) -> bool:
-        return self.flip > 0 or self.jitter or ((self.affine or self.elastic) and self.p > 0)
+        return self.flip > 0 or self.jitter or (self.affine and self.p > 0) or (self.elastic and self.elastic_p > 0)
 
     def extra_repr(self) -> str:
         parts = [f"flip={self.flip}"] if self.flip else []
         if self.affine:
             parts.append(f"affine(degrees={self.degrees}, scale={self.scale})")
-        if self.elastic:
-            parts.append(f"elastic(alpha={self.elastic_alpha}, sigma={self.elastic_sigma})")
-        if self.affine or self.elastic:
+        if self.affine:
             parts.append(f"p={self.p}")
+        if self.elastic:
+            pairs = ",".join(f"{a:g}:{sg:g}" for a, sg in self.elastic_params)
+            parts.append(f"elastic(alpha:sigma={pairs}, p={self.elastic_p})")
         if self.jitter:
             parts.append(f"jitter(brightness={self.brightness}, contrast={self.contrast})")
         return ", ".join(parts) or "identity"
@@ -134,10 +147,22 @@ class GpuAugment(nn.Module):
         if self.flip > 0:
             out = torch.where((u_flip < self.flip).view(b, 1, 1, 1), out.flip(-1), out)
         if self.affine or self.elastic:
-            sel = torch.nonzero(u_geo < self.p).flatten()
+            do_affine = (u_geo < self.p) if self.affine else torch.zeros_like(u_geo, dtype=torch.bool)
+            do_elastic = torch.zeros_like(do_affine)
+            pick = None
+            if self.elastic:
+                # drawn only with elastic on, after the six above: turning it on keeps this batch's others
+                u_el, u_pick = rand(2, b).unbind(0)
+                do_elastic = u_el < self.elastic_p
+                pick = (u_pick * len(self.elastic_params)).long().clamp_(max=len(self.elastic_params) - 1)
+            sel = torch.nonzero(do_affine | do_elastic).flatten()
             if sel.numel():
-                noise = rand(sel.numel(), 2, *x.shape[-2:]) if self.elastic else None
-                warped = self._warp(out[sel], u_rot[sel], u_scale[sel], noise)
+                noise = None
+                if self.elastic:
+                    noise = rand(sel.numel(), 2, *x.shape[-2:])
+                    # a sample selected for affine only gets no displacement (its pair index -1)
+                    pick = torch.where(do_elastic[sel], pick[sel], torch.full_like(pick[sel], -1))
+                warped = self._warp(out[sel], u_rot[sel], u_scale[sel], noise, do_affine[sel], pick)
                 out = out.clone() if out is x else out
                 out[sel] = warped
         if self.jitter:
@@ -148,24 +173,35 @@ class GpuAugment(nn.Module):
         return out
 
     def _warp(
-        self, x: torch.Tensor, u_rot: torch.Tensor, u_scale: torch.Tensor, noise: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        u_rot: torch.Tensor,
+        u_scale: torch.Tensor,
+        noise: torch.Tensor | None,
+        do_affine: torch.Tensor,
+        pick: torch.Tensor | None,
     ) -> torch.Tensor:
         n, _, h, w = x.shape
         dtype = torch.float32  # sampling grids in fp32 even under half precision inputs
         theta = torch.zeros(n, 2, 3, device=x.device, dtype=dtype)
-        if self.affine:
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        if self.affine and bool(do_affine.any()):
             ang = (2.0 * u_rot - 1.0) * math.radians(self.degrees)
             s = self.scale[0] + u_scale * (self.scale[1] - self.scale[0])
             cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
             # rotation in pixel space, expressed in normalised coordinates (keeps non-square images
             # undistorted): output -> input map is R(-angle) / scale
-            theta[:, 0, 0], theta[:, 0, 1] = cos, sin * (h / w)
-            theta[:, 1, 0], theta[:, 1, 1] = -sin * (w / h), cos
-        else:
-            theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+            a = do_affine.view(n)
+            theta[a, 0, 0], theta[a, 0, 1] = cos[a].to(dtype), (sin * (h / w))[a].to(dtype)
+            theta[a, 1, 0], theta[a, 1, 1] = (-sin * (w / h))[a].to(dtype), cos[a].to(dtype)
         grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
-        if noise is not None:
-            disp = gaussian_blur(noise * 2.0 - 1.0, self.elastic_sigma) * self.elastic_alpha  # pixels
+        if noise is not None and pick is not None:
+            # one blur per (alpha, sigma) pair over the samples that drew it; the rest stay undisplaced
+            disp = torch.zeros(n, 2, h, w, device=x.device, dtype=dtype)
+            for i, (alpha, sigma) in enumerate(self.elastic_params):
+                rows = torch.nonzero(pick == i).flatten()
+                if rows.numel():
+                    disp[rows] = gaussian_blur(noise[rows].to(dtype) * 2.0 - 1.0, sigma) * alpha  # pixels
             # pixels -> normalised units (2 / size); grid's last dim is (x, y)
             scale = torch.tensor([2.0 / w, 2.0 / h], device=x.device, dtype=dtype)
             grid = grid + disp.permute(0, 2, 3, 1) * scale
