@@ -23,7 +23,7 @@ from xraylens.errors import XraylensError
 @dataclass
 class DataConfig:
     path: str = ""
-    image_size: int = 224
+    image_size: int | list[int] = 224  # one side (a square), or [height, width]: "704x407" or [704, 407]
     center_crop: float = 1.0  # keep this central fraction of each side before resizing (seed 001)
     val_fraction: float = 0.15  # used only when the source has no val split
     split_seed: int = 0
@@ -31,12 +31,24 @@ class DataConfig:
     # whole match) or a manifest column; images of one group never straddle two splits
     group_pattern: str | None = None
     group_column: str | None = None
+    # merge classes into one: "abnormal=osteopenia,osteoporosis" (several merges joined by ";")
+    merge_classes: str | None = None
+    # a CSV (id,split) that reassigns every image's split; images it does not list are left out
+    # (crossval writes one per fold: train, val and the held-out test)
+    splits_file: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.25])
     augment: str = "flip,affine,jitter"  # comma list of flip, affine, jitter, elastic; or "none"
     augment_p: float = 1.0  # per-sample probability of the geometric part
+    # elastic: the fraction of training images deformed, and the (alpha, sigma) pairs in pixels one is
+    # drawn from per image ("alpha:sigma,..."); see data.augment.GpuAugment
+    elastic_p: float = 0.3
+    elastic_params: str = "34:4,40:6,50:8"
+    # a second input channel: "clahe-sobel" = Sobel edge magnitude of the CLAHE image (data.enhance);
+    # needs model.in_chans 2. `augment: cat_elastic` sets it, elastic and in_chans 2 together
+    enhance: str = "none"
     balanced: bool = False  # class-balanced sampling
     cache_dir: str | None = None
     workers: int | None = None
@@ -130,6 +142,11 @@ class RunConfig:
                 "data, model or train, e.g. train.lr"
             )
         setattr(sec, name, _coerce(type(sec), name, value, section))
+        if key == "data.augment" and "cat_elastic" in _tokens(self.data.augment):
+            # the seed workflow's preset: input [original, enhanced] + elastic, stored expanded
+            self.data.augment = ",".join(dict.fromkeys("elastic" if t == "cat_elastic" else t for t in _tokens(value)))
+            self.data.enhance = "clahe-sobel"
+            self.model.in_chans = 2
         return self
 
     def apply(self, values: Mapping[str, Any]) -> RunConfig:
@@ -165,8 +182,21 @@ class RunConfig:
 
     def check(self) -> None:
         """Every numeric setting within its range; run before any data is decoded."""
-        if self.model.in_chans not in (1, 3):
-            raise XraylensError(f"{flag_name('model.in_chans')} must be 1 (grey) or 3 (RGB), got {self.model.in_chans}")
+        enhance = str(self.data.enhance or "none").strip().lower()
+        if enhance not in ("none", "clahe-sobel"):
+            raise XraylensError(f"data.enhance {self.data.enhance!r} is unknown; use none or clahe-sobel")
+        if enhance != "none" and self.model.in_chans != 2:
+            raise XraylensError(
+                f"data.enhance {enhance} makes a two-channel input [original, enhanced]: set model.in_chans=2 "
+                f"(got {self.model.in_chans}), or use --augment cat_elastic, which sets both"
+            )
+        if enhance == "none" and self.model.in_chans not in (1, 3):
+            raise XraylensError(
+                f"{flag_name('model.in_chans')} must be 1 (grey) or 3 (RGB), got {self.model.in_chans} "
+                "(2 only with data.enhance clahe-sobel)"
+            )
+        parse_elastic_params(self.data.elastic_params)
+        image_size(self.data.image_size)
         if any(h < 1 for h in self.model.head_hidden):
             raise XraylensError(
                 f"{flag_name('model.head_hidden')} sizes must be at least 1, got {self.model.head_hidden}"
@@ -176,6 +206,8 @@ class RunConfig:
             value = getattr(getattr(self, section), name)
             if value is None:
                 continue
+            if isinstance(value, list):  # [height, width]: each side within the limits
+                value = min(value)
             bad = (
                 not math.isfinite(value)
                 or (lo is not None and (value < lo or (value == lo and not lo_incl)))
@@ -199,6 +231,7 @@ LIMITS: dict[str, tuple[float | None, bool, float | None, bool, str]] = {
     "data.center_crop": (0, False, 1, True, "in (0, 1]"),
     "data.val_fraction": (0, True, 1, False, "in [0, 1)"),
     "data.augment_p": (0, True, 1, True, "in [0, 1]"),
+    "data.elastic_p": (0, True, 1, True, "in [0, 1]"),
     "data.workers": (0, True, None, True, "0 or more"),
     "model.train_last": (0, True, None, True, "0 or more"),
     "model.drop_rate": (0, True, 1, False, "in [0, 1)"),
@@ -213,6 +246,41 @@ LIMITS: dict[str, tuple[float | None, bool, float | None, bool, str]] = {
     "train.focal_gamma": (0, True, None, True, "0 or more"),
     "train.early_stopping": (1, True, None, True, "at least 1 (epochs)"),
 }
+
+
+def _tokens(text: Any) -> list[str]:
+    return [t.strip().lower() for t in str(text or "").split(",") if t.strip()]
+
+
+def image_size(value: int | list[int]) -> tuple[int, int]:
+    """`data.image_size` as (height, width); a list must have two sides."""
+    if isinstance(value, int):
+        return value, value
+    if len(value) != 2:
+        raise XraylensError(f"data.image_size must be one side or height,width (e.g. 704x407), got {value}")
+    return int(value[0]), int(value[1])
+
+
+def parse_elastic_params(text: str) -> list[tuple[float, float]]:
+    """ "34:4,40:6" -> [(34.0, 4.0), (40.0, 6.0)]: elastic (alpha, sigma) pairs in pixels, alpha >= 0 < sigma."""
+    pairs = []
+    for part in str(text or "").split(","):
+        if not part.strip():
+            continue
+        a, sep, sg = part.partition(":")
+        try:
+            pair = (float(a), float(sg)) if sep else None
+        except ValueError:
+            pair = None
+        if pair is None or not all(map(math.isfinite, pair)) or pair[0] < 0 or pair[1] <= 0:
+            raise XraylensError(
+                f"data.elastic_params {text!r}: each pair must be alpha:sigma in pixels with alpha >= 0 and "
+                "sigma > 0, e.g. 34:4,40:6,50:8"
+            )
+        pairs.append(pair)
+    if not pairs:
+        raise XraylensError(f"data.elastic_params {text!r} names no alpha:sigma pair; use e.g. 34:4,40:6,50:8")
+    return pairs
 
 
 def _build(cls: type, d: dict[str, Any], section: str):
@@ -235,6 +303,10 @@ def _coerce(cls: type, name: str, value: Any, section: str) -> Any:
         known = ", ".join(f.name for f in fields(cls))
         raise XraylensError(f"unknown {section} setting {name!r}; known: {known}")
     tp = hints[name]
+    if (section, name) == ("data", "image_size") and isinstance(value, str):
+        # "704x407" (height x width) or "704,407" or "224"
+        parts = [v for v in value.lower().replace("x", ",").replace("×", ",").split(",") if v.strip()]
+        value = parts[0] if len(parts) == 1 else parts
     try:
         return _convert(tp, value)
     except (TypeError, ValueError):

@@ -25,8 +25,10 @@ from torch import nn
 
 from xraylens.config import RunConfig
 from xraylens.data.cache import CachedSplit, load_split, prepare_image
+from xraylens.data.enhance import add_enhanced_channel
 from xraylens.data.loader import iterate_batches, to_model_input
 from xraylens.data.records import Geometry, SourceSet
+from xraylens.data.relabel import apply_splits_file, merge_classes
 from xraylens.data.sources import is_plain_image_folder, load_image_folder, load_source
 from xraylens.errors import XraylensError
 from xraylens.runtime import resolve_device
@@ -39,11 +41,12 @@ CHECKPOINTS = ("best", "last")
 class InputSettings:
     """How an image becomes model input: identical at train, evaluate, explain and predict time."""
 
-    image_size: int
+    image_size: int | tuple[int, int] | list[int]  # one side, or (height, width)
     center_crop: float
     in_chans: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    enhance: str = "none"  # "clahe-sobel": input [original, enhanced] (data/enhance.py)
 
     @classmethod
     def from_config(cls, config: RunConfig) -> InputSettings:
@@ -53,12 +56,18 @@ class InputSettings:
             in_chans=config.model.in_chans,
             mean=tuple(config.data.mean),
             std=tuple(config.data.std),
+            enhance=config.data.enhance,
         )
 
     def to_model(
         self, x_uint8: torch.Tensor, device: torch.device | str | None = None, channels_last: bool = False
     ) -> torch.Tensor:
-        """uint8 [B,1,H,W] from the cache -> normalised float model input on `device`."""
+        """uint8 [B,1,H,W] from the cache -> normalised float model input on `device`.
+
+        With `enhance`, the second channel (CLAHE + Sobel of the same uint8 image) is added here, the one
+        conversion every command uses, so training, evaluation, explanation and serving agree."""
+        if self.enhance != "none":
+            x_uint8 = add_enhanced_channel(x_uint8, self.enhance)
         return to_model_input(
             x_uint8, in_chans=self.in_chans, mean=self.mean, std=self.std, device=device, channels_last=channels_last
         )
@@ -163,13 +172,18 @@ def config_source(config: RunConfig, data: str | Path | None = None, *, grouped:
     """`load_source` of `data` (default: the config's) with the config's val split and, when `grouped`,
     its patient grouping: the one place a config becomes a dataset's records."""
     d = config.data
-    return load_source(
+    own = data is None or (bool(d.path) and Path(data).expanduser().resolve() == Path(d.path).expanduser().resolve())
+    source = load_source(
         data if data is not None else d.path,
-        val_fraction=d.val_fraction,
+        val_fraction=0.0 if d.splits_file and own else d.val_fraction,
         seed=d.split_seed,
         group_pattern=d.group_pattern if grouped else None,
         group_column=d.group_column if grouped else None,
     )
+    # classes merged for every data (the model's outputs are the merged classes); the splits file
+    # belongs to the run's own data only
+    merge_classes(source, d.merge_classes)
+    return apply_splits_file(source, d.splits_file) if own else source
 
 
 def cached_split(config: RunConfig, source: SourceSet, split: str, *, progress: bool = False) -> CachedSplit:

@@ -39,8 +39,10 @@ def create_model(
     key = model_key(name)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise XraylensError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if in_chans not in (1, 3):
-        raise XraylensError(f"in_chans must be 1 (greyscale) or 3 (RGB), got {in_chans!r}")
+    if in_chans not in (1, 2, 3):
+        raise XraylensError(
+            f"in_chans must be 1 (greyscale), 2 ([original, enhanced], data.enhance) or 3 (RGB), got {in_chans!r}"
+        )
     if not 0.0 <= drop_rate < 1.0:
         raise XraylensError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
     try:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xraylens.config import RunConfig, flag_name
+from xraylens.config import RunConfig, flag_name, parse_elastic_params
 from xraylens.data.augment import GpuAugment
 from xraylens.data.loader import iterate_batches
 from xraylens.data.sources import compile_group_pattern
@@ -344,7 +344,12 @@ def _train_locked(
     ).to(device)
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg)
-    augment = GpuAugment.from_names(cfg.data.augment, p=cfg.data.augment_p).to(device)
+    augment = GpuAugment.from_names(
+        cfg.data.augment,
+        p=cfg.data.augment_p,
+        elastic_p=cfg.data.elastic_p,
+        elastic_params=parse_elastic_params(cfg.data.elastic_params),
+    ).to(device)
     select = metric_selector(cfg.train.select)
 
     state: dict[str, Any] = {
