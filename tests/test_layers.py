@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "xraylens"
 
 # top-level module or package of xraylens -> floor (docs/architecture.md, "Layers")
 FLOORS = {
-    "errors": 0, "io": 0, "ops": 0, "progress": 0, "runtime": 0,
+    "errors": 0, "io": 0, "ops": 0, "progress": 0, "runtime": 0, "distributed": 0,
     "config": 1, "metrics": 1,
     "data": 2, "models": 2,
     "runs": 3,

@@ -884,6 +884,9 @@ def cache_clear(
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a user mistake (ours or a malformed option) is one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from xraylens.distributed import quiet_unless_main
+
+    quiet_unless_main()  # under torchrun, rank 0 alone prints and logs
     args = sys.argv[1:] if argv is None else argv
     command = typer.main.get_command(app)
     if "--help" in args and len(args) > 1:

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from xraylens import distributed
 from xraylens.data.sources import is_plain_image_folder
 from xraylens.errors import XraylensError
 from xraylens.explain.engine import CamEngine, CamResult, check_options
@@ -143,9 +144,10 @@ def explain_run(
     check_positive(batch_size=batch_size, limit=limit)
     if overlays < 0 or grid < 0:
         raise XraylensError(f"--overlays and --grid must be 0 or more, got {overlays} and {grid}")
-    run = open_run(run, which=which, device=device)
+    run = open_run(run, which=which, device=distributed.setup(device))  # torchrun: this rank's device
     check_cam_settings(run, layers, combine, score, target, data)
-    source, cached = run.load_split(data, split)
+    with distributed.main_first():  # one process per node decodes, the others read the cache
+        source, cached = run.load_split(data, split)
     labelled = source.kind != "images"
     indices = pick_indices(len(cached.labels), limit)
     out = Path(out) if out else run.run_dir / "cams"
@@ -157,7 +159,7 @@ def explain_run(
     for _, _, res in iter_cams(
         run,
         cached,
-        indices,
+        distributed.shard_batches(indices, batch_size),  # torchrun: this rank's whole batches
         method_list,
         layers=list(layers) if layers else None,
         combine=combine,
@@ -174,6 +176,10 @@ def explain_run(
         targets.append(res.targets.cpu().numpy())
         preds.append(p.argmax(1).cpu().numpy())
         probs.append(p.max(1).values.cpu().numpy())
+    # torchrun: rank 0 gathers every rank's batches, in order, and writes; the others return its summary
+    maps, raw, constant, targets, preds, probs = distributed.gather_parts((maps, raw, constant, targets, preds, probs))
+    if not distributed.is_main():
+        return distributed.share_from_main(None)
 
     ids = [cached.ids[i] for i in indices]
     stacked = {m: np.concatenate(v) for m, v in maps.items()}
@@ -222,9 +228,10 @@ def explain_run(
                 path=path,
             )
             grids.append(path)
-    return ExplainSummary(
+    summary = ExplainSummary(
         out, len(ids), method_list, grids, maps_path, index_path, {m: int(flags[m].sum()) for m in method_list}
     )
+    return distributed.share_from_main(summary)
 
 
 def safe_name(name: str) -> str:

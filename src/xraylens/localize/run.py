@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from xraylens import distributed
 from xraylens.data import annotations as ann
 from xraylens.errors import XraylensError
 from xraylens.explain import render
@@ -132,9 +133,10 @@ def localize_run(
     check_metric_args(tolerance=tolerance, smooth=smooth, percentile=percentile)
     loc.border_region(2, 2, border), loc.corner_region(2, 2, corner)  # ranges, before anything is read
     annots = ann.read_annotations(annotations, fmt, skip_bad)
-    run = open_run(run, which=which, device=device)
+    run = open_run(run, which=which, device=distributed.setup(device))  # torchrun: this rank's device
     check_cam_settings(run, layers, combine, "logit", target, data)
-    source, cached = run.load_split(data, split)
+    with distributed.main_first():  # one process per node decodes, the others read the cache
+        source, cached = run.load_split(data, split)
     labelled = source.kind != "images"
     keys = ann.match_keys(cached.ids, annots)
     indices = np.array([i for i, k in enumerate(keys) if k is not None], dtype=np.int64)
@@ -152,7 +154,7 @@ def localize_run(
     for idx, x, res in iter_cams(
         run,
         cached,
-        indices,
+        distributed.shard_batches(indices, batch_size),  # torchrun: this rank's whole batches
         method_list,
         layers=list(layers) if layers else None,
         combine=combine,
@@ -210,6 +212,10 @@ def localize_run(
                     )
                 )
 
+    # torchrun: rank 0 gathers every rank's rows, in order, and writes; the others return its summary
+    rows, hits, classes_seen, n_annotated = distributed.gather_parts((rows, hits, classes_seen, n_annotated))
+    if not distributed.is_main():
+        return distributed.share_from_main(None)
     out = Path(out) if out else run.run_dir
     csv_path = out / "localization.csv"
     write_csv(csv_path, PER_IMAGE, (_csv_row(r) for r in rows))
@@ -243,9 +249,10 @@ def localize_run(
     }
     summary_path = out / "localization_summary.json"
     write_json(summary_path, _finite(summary))
-    return LocalizeSummary(
+    summary_ = LocalizeSummary(
         out, int(len(indices)), n_annotated, tolerance, overall, csv_path, summary_path, list(annots.skipped)
     )
+    return distributed.share_from_main(summary_)
 
 
 def _class_of(run, cached, i: int, labelled: bool, a) -> str:

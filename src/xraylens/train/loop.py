@@ -8,11 +8,12 @@ the same data order (shuffling is a function of seed and epoch), so no epoch is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from xraylens import distributed
 from xraylens.config import RunConfig, flag_name, parse_elastic_params
+from xraylens.data import clinical
 from xraylens.data.augment import GpuAugment
-from xraylens.data.loader import iterate_batches
+from xraylens.data.loader import epoch_order, iterate_batches
 from xraylens.data.sources import compile_group_pattern
 from xraylens.data.splits import write_splits_csv
 from xraylens.errors import XraylensError
@@ -85,6 +89,7 @@ def check_config(cfg: RunConfig) -> None:
     if not Path(cfg.data.path).expanduser().exists():
         raise XraylensError(f"data path {cfg.data.path} does not exist; pass a folder, a .csv manifest or an .npz file")
     compile_group_pattern(cfg.data.group_pattern)
+    clinical.check_settings(cfg.clinical)  # table, key, columns and pattern before any decoding
     model_key(cfg.model.name)
     GpuAugment.from_names(cfg.data.augment)
     weights = cfg.model.weights
@@ -285,12 +290,13 @@ def train(
         raise XraylensError("no data given: pass --data DIR (folder splits, a CSV manifest or an .npz)")
     check_config(cfg)
     created = not out.exists()
+    main = distributed.is_main()  # under torchrun rank 0 alone locks and writes the run
     try:
-        with lock_dir(out, "train"):
-            return _train_locked(absolute_paths(cfg), out, resume, progress, stop_after_batches, on_epoch)
+        with lock_dir(out, "train") if main else contextlib.nullcontext(out):
+            return _train_locked(absolute_paths(cfg), out, resume, progress and main, stop_after_batches, on_epoch)
     except BaseException:
         # a run that failed before writing anything (bad data, say) leaves no empty folder behind
-        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+        if main and created and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
             (out / LOCK_NAME).unlink(missing_ok=True)
             out.rmdir()
         raise
@@ -308,15 +314,23 @@ def _train_locked(
     resume_from = prepare_run_dir(out, resume)
     ckpt = read_checkpoint(resume_from) if resume_from is not None else None
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    source, train_c, val_c, report = load_data(cfg, progress=progress)
-    write_splits_csv(out / "splits.csv", source)  # which image went where, and its patient group
+    device = resolve_device(distributed.setup(cfg.train.device))  # torchrun: join the group, cuda:LOCAL_RANK
+    main = distributed.is_main()
+    with distributed.main_first():  # one process per node decodes the cache, the others then read it
+        source, train_c, val_c, report = load_data(cfg, progress=progress)
+    if main:
+        write_splits_csv(out / "splits.csv", source)  # which image went where, and its patient group
     if cfg.classes and list(cfg.classes) != list(source.classes):
         raise XraylensError(f"classes changed since the run started: {cfg.classes} -> {source.classes}")
     cfg.classes = list(source.classes)
     k = len(cfg.classes)
     if k < 2:
         raise XraylensError(f"need at least 2 classes, found {cfg.classes} in {cfg.data.path}")
+    # clinical table: leakage guard and fit on train (a resumed run reuses its saved fit); features
+    # ride along with the cached splits (`cached.clinical`, indexed like the images)
+    clin, train_c, val_c = clinical.prepare_training(
+        cfg.clinical, source.root, train_c, val_c, (ckpt or {}).get("state", {}).get("clinical"), seed=cfg.train.seed
+    )
 
     counts = np.bincount(train_c.labels, minlength=k)
     log.info(
@@ -331,7 +345,7 @@ def _train_locked(
         cfg.model.name,
         device,
     )
-    model = build_model(cfg, weights=ckpt is None)
+    model = build_model(cfg, weights=ckpt is None, clinical_features=clin.width if clin else 0)
     if ckpt is None and cfg.model.init_from:
         _init_from(model, cfg.model.init_from)
     model = model.to(device)
@@ -359,6 +373,8 @@ def _train_locked(
         "bad_epochs": 0,
         "class_counts": class_counts,
     }
+    if clin is not None:
+        state["clinical"] = clin.to_dict()  # in every checkpoint: a .pt alone rebuilds the inputs
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -376,12 +392,19 @@ def _train_locked(
         else:
             log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, cfg.train.epochs)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
-    cfg.save(out / "config.yaml")
-    write_json(out / "data_report.json", report)
-    _write_history(out, state["history"])
-    tb = _tensorboard(out, purge_step=start_epoch + 1)
+    net = _ddp(model, device, cfg.train.seed)  # torchrun: DistributedDataParallel; else the model itself
+    if cfg.train.compile:
+        net = torch.compile(net)  # the training forward only: checkpoints and validation use `model`
+    tb = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints").mkdir(exist_ok=True)
+        cfg.save(out / "config.yaml")
+        write_json(out / "data_report.json", report)
+        if clin is not None:
+            write_json(out / "clinical.json", clin.to_dict())
+        _write_history(out, state["history"])
+        tb = _tensorboard(out, purge_step=start_epoch + 1)
 
     scaler = torch.amp.GradScaler(
         "cuda", enabled=device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()
@@ -395,31 +418,37 @@ def _train_locked(
             model.train()
             gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + epoch)
             total, n_seen = 0.0, 0
+            # train.batch_size is per process: a step sees batch_size x world_size images (torchrun)
+            world = distributed.world_size()
+            global_bs = cfg.train.batch_size * world
             # drop a ragged last batch (a batch of 1 breaks BatchNorm) unless the split is that small
-            drop_last = len(train_c.labels) > cfg.train.batch_size
-            batches = iterate_batches(
-                train_c,
-                cfg.train.batch_size,
-                shuffle=True,
-                balanced=cfg.data.balanced,
-                seed=cfg.train.seed,
-                epoch=epoch,
-                drop_last=drop_last,
+            drop_last = len(train_c.labels) > global_bs
+            batches = (
+                iterate_batches(
+                    train_c,
+                    cfg.train.batch_size,
+                    shuffle=True,
+                    balanced=cfg.data.balanced,
+                    seed=cfg.train.seed,
+                    epoch=epoch,
+                    drop_last=drop_last,
+                    device=device,
+                    placement=cfg.data.placement,  # GPU-resident or pinned when it fits (auto)
+                )
+                if world == 1
+                else _rank_batches(train_c, cfg, epoch, drop_last)
             )
-            n_images = (
-                _n_batches(len(train_c.labels), cfg.train.batch_size) * cfg.train.batch_size
-                if drop_last
-                else len(train_c.labels)
-            )
+            n_images = _n_batches(len(train_c.labels), global_bs) * global_bs if drop_last else len(train_c.labels)
             with progress_bar(
                 progress, f"epoch {epoch + 1}/{cfg.train.epochs}", n_images, show_loss=True, unit="img"
             ) as advance:
-                for x, y, _ in batches:
+                for x, y, idx in batches:
+                    z = None if train_c.clinical is None else torch.from_numpy(train_c.clinical[idx.cpu().numpy()])
                     xin = inputs.to_model(x, device, channels_last=use_cl)
                     y = y.to(device, non_blocking=True)
                     xin = augment(xin, generator=gen)
                     with _autocast(device, cfg.train.amp):
-                        logits = model(xin)
+                        logits = net(xin) if z is None else net(xin, z.to(device))
                     loss = loss_fn(logits.float(), y)
                     if not torch.isfinite(loss):
                         raise XraylensError(f"loss became {loss.item()} at epoch {epoch + 1}; lower train.lr")
@@ -430,13 +459,14 @@ def _train_locked(
                     total += loss.item() * len(y)
                     n_seen += len(y)
                     steps_done += 1
-                    advance(loss.item(), n=len(y))
+                    advance(loss.item(), n=len(y) * world)
                     if stop_after_batches is not None and steps_done >= stop_after_batches:
                         raise _SimulatedCrash()
             lr = opt.param_groups[0]["lr"]
             sched.step()
+            total, n_seen = distributed.all_reduce_sum((total, n_seen))  # the mean loss over every rank
 
-            logits = predict_logits(model, val_c, inputs, device, cfg.train.eval_batch_size)
+            logits = _val_logits(model, val_c, inputs, device, cfg.train.eval_batch_size)
             val_metrics = compute_metrics(
                 val_c.labels, class_probabilities_np(logits), cfg.classes, loss=ce_loss(logits, val_c.labels)
             )
@@ -461,19 +491,23 @@ def _train_locked(
             improved = score > state["best_score"] or state["best_epoch"] == 0
             if improved:
                 state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_val_metrics=val_metrics)
-                save_checkpoint(out / "checkpoints" / "best.pt", model=model, config=cfg, epoch=epoch + 1, state=state)
+                if main:
+                    save_checkpoint(
+                        out / "checkpoints" / "best.pt", model=model, config=cfg, epoch=epoch + 1, state=state
+                    )
             else:
                 state["bad_epochs"] += 1
-            save_checkpoint(
-                out / "checkpoints" / "last.pt",
-                model=model,
-                config=cfg,
-                epoch=epoch + 1,
-                optimizer=opt,
-                scheduler=sched,
-                state=state,
-            )
-            _write_history(out, state["history"])
+            if main:
+                save_checkpoint(
+                    out / "checkpoints" / "last.pt",
+                    model=model,
+                    config=cfg,
+                    epoch=epoch + 1,
+                    optimizer=opt,
+                    scheduler=sched,
+                    state=state,
+                )
+                _write_history(out, state["history"])
             _log_tb(tb, row)
             log.info(
                 "epoch %d/%d train_loss %.4f val_loss %.4f val_acc %.4f score %.4f%s",
@@ -485,7 +519,11 @@ def _train_locked(
                 score,
                 " *" if improved else "",
             )
-            _write_metrics(out, cfg, state)  # every epoch: a run stopped early still has its summary
+            if main:
+                _write_metrics(out, cfg, state)  # every epoch: a run stopped early still has its summary
+            distributed.barrier()  # rank 0's checkpoint is on disk before any rank goes on (resume point)
+            distributed.kill_point(f"epoch{epoch + 1}")  # tests: XRAYLENS_KILL_AT=epoch1@1 kills a rank here
+            # every rank has the same (gathered) metrics, so every rank stops at the same epoch
             if on_epoch is not None:
                 on_epoch(epoch + 1, score, val_metrics)
             if cfg.train.early_stopping and state["bad_epochs"] >= cfg.train.early_stopping:
@@ -495,7 +533,7 @@ def _train_locked(
         if tb is not None:
             tb.close()
 
-    best = _write_metrics(out, cfg, state)
+    best = _write_metrics(out, cfg, state) if main else state.get("best_val_metrics", {})
     return TrainResult(out, state["best_epoch"], state["best_score"], len(state["history"]), best)
 
 
@@ -532,6 +570,57 @@ def _stretch_cosine(sched, opt: torch.optim.Optimizer, epochs: int, done: int) -
     for group, lr in zip(opt.param_groups, lrs, strict=True):
         group["lr"] = lr
     sched._last_lr = lrs  # what get_last_lr() reports; step() continues from the groups' lr
+
+
+def _ddp(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
+    """Under torchrun: the model in DistributedDataParallel (gradients averaged over ranks), with
+    SyncBatchNorm on CUDA so BatchNorm sees the global batch as a single process would (gloo on the CPU
+    has no SyncBatchNorm: each rank normalises its own share). A single process: the model itself."""
+    if not distributed.is_distributed():
+        return model
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters: the optimiser keeps them
+    # DDP copies rank 0's weights to every rank; dropout and augmentation then differ between ranks
+    torch.manual_seed(seed + 1_000_003 * distributed.rank())
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _rank_batches(train_c, cfg: RunConfig, epoch: int, drop_last: bool) -> Iterator[tuple]:
+    """This rank's share of each global batch (batch_size x world_size images of the epoch's order,
+    the same permutation on every rank), as `iterate_batches` yields batches: only this share is read."""
+    world, rank, bs = distributed.world_size(), distributed.rank(), cfg.train.batch_size
+    order = epoch_order(train_c.labels, shuffle=True, balanced=cfg.data.balanced, seed=cfg.train.seed, epoch=epoch)
+    n = len(order)
+    stop = n - n % (bs * world) if drop_last else n
+    labels = np.asarray(train_c.labels, dtype=np.int64)
+    for start in range(0, stop, bs * world):
+        glob = order[start : start + bs * world]
+        lo, hi = distributed.shard_range(len(glob), rank, world)
+        idx = glob[lo:hi]
+        if len(idx) == 0:
+            raise XraylensError(f"{n} training images cannot feed {world} processes; use fewer (--nproc-per-node)")
+        yield (
+            torch.from_numpy(np.asarray(train_c.images[idx])).unsqueeze(1),
+            torch.from_numpy(labels[idx]),
+            torch.from_numpy(idx),
+        )
+
+
+def _val_logits(model: nn.Module, val_c, inputs: InputSettings, device: torch.device, batch_size: int) -> np.ndarray:
+    """Validation logits of every image: each rank predicts its contiguous share, all ranks get them all
+    (in cache order), so every rank computes the same metrics. A single process: `predict_logits`."""
+    n = len(val_c.labels)
+    if not distributed.is_distributed() or n < distributed.world_size():
+        return predict_logits(model, val_c, inputs, device, batch_size)
+    lo, hi = distributed.shard_range(n)
+    share = dataclasses.replace(
+        val_c,
+        images=val_c.images[lo:hi],
+        labels=val_c.labels[lo:hi],
+        ids=val_c.ids[lo:hi],
+        geometry=val_c.geometry[lo:hi],
+    )
+    return distributed.all_gather_array(predict_logits(model, share, inputs, device, batch_size))
 
 
 def _n_batches(n: int, bs: int) -> int:
