@@ -75,6 +75,8 @@ class CachedSplit:
     split: str = ""
     # (device, placement) -> the pixels staged on the GPU or in pinned memory (data.loader.stage_images)
     staged: dict = field(default_factory=dict, repr=False, compare=False)
+    # float32 [N, F] clinical features in cache order (data.clinical.attach_clinical); None without fusion
+    clinical: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(len(self.labels))
@@ -403,6 +405,7 @@ class _RowWriter:
         try:
             os.replace(tmp, self.folder / f"{self.key}.npy")
             self._tmp = None
+            images = np.load(self.folder / f"{self.key}.npy", mmap_mode="r")  # mapped under its own name
             # the JSON is written last: its presence marks a complete entry
             write_text(self.folder / f"{self.key}.json", meta_text)
             self.cached = True
