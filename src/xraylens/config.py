@@ -92,10 +92,26 @@ class TrainConfig:
 
 
 @dataclass
+class ClinicalConfig:
+    """Clinical variables fused with the image (data.clinical, models.fusion); off when mode is none
+    and no table is given."""
+
+    file: str | None = None  # CSV with one row per image or patient
+    cols: list[str] = field(default_factory=list)  # columns to use; "name:num" / "name:cat" forces a type
+    key: str | None = None  # CSV column matching an image's path, file name or file stem
+    from_name: str | None = None  # or: a regex with named groups over file names
+    mode: str = "none"  # none | early (extra constant input planes) | late (beside pooled features)
+    mlp_hidden: list[int] = field(default_factory=list)  # late: the clinical vector through Linear-ReLU first
+    allow_leaky: list[str] = field(default_factory=list)  # columns the leakage guard may let through
+    leak_threshold: float = 0.9  # one-column out-of-fold balanced accuracy at which a column is refused
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    clinical: ClinicalConfig = field(default_factory=ClinicalConfig)
     classes: list[str] = field(default_factory=list)  # filled in by training, in label order
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,11 +122,12 @@ class RunConfig:
         d = dict(d or {})
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise XraylensError(f"unknown config section(s) {sorted(unknown)}; expected data, model, train")
+            raise XraylensError(f"unknown config section(s) {sorted(unknown)}; expected data, model, train, clinical")
         return cls(
             data=_build(DataConfig, d.get("data") or {}, "data"),
             model=_build(ModelConfig, d.get("model") or {}, "model"),
             train=_build(TrainConfig, d.get("train") or {}, "train"),
+            clinical=_build(ClinicalConfig, d.get("clinical") or {}, "clinical"),
             classes=[str(c) for c in d.get("classes") or []],
         )
 
@@ -139,7 +156,7 @@ class RunConfig:
         if not name or sec is None or not dataclasses.is_dataclass(sec):
             raise XraylensError(
                 f"setting {key!r}: unknown section {section!r}; use section.key with section "
-                "data, model or train, e.g. train.lr"
+                "data, model, train or clinical, e.g. train.lr"
             )
         setattr(sec, name, _coerce(type(sec), name, value, section))
         if key == "data.augment" and "cat_elastic" in _tokens(self.data.augment):
@@ -174,7 +191,7 @@ class RunConfig:
         (training fills them in)."""
         out = {}
         mine, theirs = self.to_dict(), other.to_dict()
-        for section in ("data", "model", "train"):
+        for section in ("data", "model", "train", "clinical"):
             for key, value in mine[section].items():
                 if theirs[section].get(key) != value:
                     out[f"{section}.{key}"] = (value, theirs[section].get(key))
@@ -197,6 +214,12 @@ class RunConfig:
             )
         parse_elastic_params(self.data.elastic_params)
         image_size(self.data.image_size)
+        if str(self.clinical.mode).lower() not in ("none", "early", "late"):
+            raise XraylensError(f"clinical.mode (--fusion) must be none, early or late, got {self.clinical.mode!r}")
+        if any(h < 1 for h in self.clinical.mlp_hidden):
+            raise XraylensError(
+                f"clinical.mlp_hidden (--clinical-mlp) sizes must be at least 1, got {self.clinical.mlp_hidden}"
+            )
         if any(h < 1 for h in self.model.head_hidden):
             raise XraylensError(
                 f"{flag_name('model.head_hidden')} sizes must be at least 1, got {self.model.head_hidden}"
@@ -245,6 +268,7 @@ LIMITS: dict[str, tuple[float | None, bool, float | None, bool, str]] = {
     "train.step_gamma": (0, False, None, True, "greater than 0"),
     "train.focal_gamma": (0, True, None, True, "0 or more"),
     "train.early_stopping": (1, True, None, True, "at least 1 (epochs)"),
+    "clinical.leak_threshold": (0, False, 1, True, "in (0, 1]"),
 }
 
 

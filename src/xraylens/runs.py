@@ -106,15 +106,17 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def build_model(config: RunConfig, *, weights: bool = True) -> nn.Module:
-    """The model a config describes (pretrained weights only when training starts)."""
+def build_model(config: RunConfig, *, weights: bool = True, clinical_features: int = 0) -> nn.Module:
+    """The model a config describes (pretrained weights only when training starts); with clinical
+    fusion (`clinical.mode` early/late) the zoo model wrapped for `clinical_features` inputs."""
+    from xraylens.models.fusion import fuse_model
     from xraylens.models.registry import create_model
 
     m = config.model
     pretrained: bool | str = False
     if weights and m.weights:
         pretrained = True if m.weights == "hub" else m.weights
-    return create_model(
+    model = create_model(
         m.name,
         num_classes=len(config.classes),
         in_chans=m.in_chans,
@@ -123,6 +125,12 @@ def build_model(config: RunConfig, *, weights: bool = True) -> nn.Module:
         train_last=m.train_last,
         drop_rate=m.drop_rate,
         image_size=config.data.image_size,
+    )
+    c = config.clinical
+    if c.mode == "none":
+        return model
+    return fuse_model(
+        model, c.mode, clinical_features, mlp_hidden=c.mlp_hidden, head_hidden=m.head_hidden, drop_rate=m.drop_rate
     )
 
 
@@ -136,8 +144,10 @@ def predict_logits(
     was_training = model.training
     model.eval()
     out = []
-    for x, _, _ in iterate_batches(cached, batch_size, shuffle=False):
-        out.append(model(inputs.to_model(x, device)).float().cpu())
+    for x, _, idx in iterate_batches(cached, batch_size, shuffle=False):
+        z = None if cached.clinical is None else torch.from_numpy(cached.clinical[idx.cpu().numpy()]).to(device)
+        xin = inputs.to_model(x, device)
+        out.append((model(xin) if z is None else model(xin, z)).float().cpu())
     model.train(was_training)
     if not out:
         return np.zeros((0, getattr(model, "num_classes", 0)), dtype=np.float32)
@@ -227,6 +237,10 @@ class Run:
     device: torch.device
     epoch: int
     checkpoint: Path
+    # the train-fitted clinical preprocessing (data.clinical.ClinicalPreprocessor) of a fused run, and
+    # an optional other table (same key and columns) for data the run's own table does not cover
+    clinical: Any = None
+    clinical_file: str | Path | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -250,7 +264,15 @@ class Run:
     ) -> tuple[SourceSet, CachedSplit]:
         """A split of `data` (default: the run's own data) through the run's preprocessing."""
         own = data is None
-        return load_data_split(self.config, self.data_path if own else data, split, progress=progress, grouped=own)
+        source, cached = load_data_split(
+            self.config, self.data_path if own else data, split, progress=progress, grouped=own
+        )
+        if self.clinical is not None:  # fused run: each image's clinical features, the run's transform
+            from xraylens.data.clinical import attach_clinical, table_for_run
+
+            table = table_for_run(self.config.clinical, source.root, cached.ids, self.clinical_file)
+            cached = attach_clinical(self.clinical, table, source.root, cached)
+        return source, cached
 
     def predict_logits(self, cached: CachedSplit, batch_size: int | None = None) -> np.ndarray:
         return predict_logits(
@@ -268,7 +290,12 @@ def open_run(run: RunLike, which: str = "best", device: str = "auto") -> Run:
     path = find_checkpoint(run, which)
     ckpt = read_checkpoint(path)
     config = RunConfig.from_dict(ckpt["config"])
-    model = build_model(config, weights=False)
+    clinical = None
+    if (ckpt.get("state") or {}).get("clinical"):
+        from xraylens.data.clinical import ClinicalPreprocessor
+
+        clinical = ClinicalPreprocessor.from_dict(ckpt["state"]["clinical"])
+    model = build_model(config, weights=False, clinical_features=clinical.width if clinical else 0)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -276,4 +303,4 @@ def open_run(run: RunLike, which: str = "best", device: str = "auto") -> Run:
     dev = resolve_device(device)
     model.to(dev).eval()
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return Run(run_dir, config, model, dev, int(ckpt.get("epoch", 0)), path)
+    return Run(run_dir, config, model, dev, int(ckpt.get("epoch", 0)), path, clinical)
