@@ -619,6 +619,7 @@ def _val_logits(model: nn.Module, val_c, inputs: InputSettings, device: torch.de
         labels=val_c.labels[lo:hi],
         ids=val_c.ids[lo:hi],
         geometry=val_c.geometry[lo:hi],
+        clinical=None if val_c.clinical is None else val_c.clinical[lo:hi],
     )
     return distributed.all_gather_array(predict_logits(model, share, inputs, device, batch_size))
 
