@@ -8,6 +8,12 @@ one lung field. Its box is its visible extent (centre +- 2 sigma), in image pixe
 
 Everything is vectorised over the batch and drawn from one seeded generator, so the same
 arguments give bit-identical arrays, and a few hundred 96 px images take about a second.
+
+Planted shortcut (`marker`): a bright letter "L" burned into the top-left corner, like a film's side
+marker, whose presence agrees with the label with a chosen probability per split (e.g. 95 % in train
+and val, 50 % = independent of the label in test). A model that learns it is right for the wrong
+reason, and the shortcut audit (`xraylens audit`) must say so. It is drawn from its own generator, so
+the images without the option stay bit-identical.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ SPLITS = ("train", "val", "test")
 LESION_DIAMETER = (0.08, 0.16)
 LESION_AMPLITUDE = (0.24, 0.34)
 _CHUNK = 128  # images per vectorised chunk: bounds memory at [chunk, H, W] float32 temporaries
+# the burned-in "L": inset and height as fractions of the side (inside the audit's default 0.15 corner)
+MARKER_INSET, MARKER_SIZE, MARKER_VALUE = 0.03, 0.10, 245
 
 
 def _soft(d: np.ndarray, width: float) -> np.ndarray:
@@ -98,11 +106,38 @@ def _render(p: dict[str, np.ndarray], u: np.ndarray, v: np.ndarray, rng: np.rand
     return np.round(img * 255.0).astype(np.uint8)
 
 
+def marker_box(size: int) -> tuple[int, int, int]:
+    """(top/left inset, height, stroke) of the "L" marker in pixels for an image of side `size`."""
+    return max(1, round(MARKER_INSET * size)), max(3, round(MARKER_SIZE * size)), max(1, round(0.03 * size))
+
+
+def burn_marker(images: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Burn a bright "L" (a vertical and a horizontal bar) into the top-left corner of the images
+    [N, H, W] uint8 where `which` [N] is true; in place, returns `images`."""
+    size = images.shape[-1]
+    inset, height, stroke = marker_box(size)
+    width = max(stroke + 1, round(0.7 * height))
+    sel = np.asarray(which, dtype=bool)
+    images[sel, inset : inset + height, inset : inset + stroke] = MARKER_VALUE
+    images[sel, inset + height - stroke : inset + height, inset : inset + width] = MARKER_VALUE
+    return images
+
+
+def marker_presence(labels: np.ndarray, agreement: float, seed: int) -> np.ndarray:
+    """Bool [N]: the marker is present where the label is 1 for a fraction `agreement` of the images
+    and where it is 0 for the rest (0.5: independent of the label), from its own seeded generator."""
+    if not 0.0 <= agreement <= 1.0:
+        raise XraylensError(f"marker agreement must be in [0, 1], got {agreement}")
+    agree = np.random.default_rng(seed).random(len(labels)) < agreement
+    return np.where(agree, labels == 1, labels == 0)
+
+
 def make_phantom_arrays(
     n: int, size: int = 96, seed: int = 0, lesion_fraction: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`n` phantoms: images uint8 [N, H, W], labels int64 [N] (1 = lesion), boxes float64 [N, 4]
-    (x, y, w, h in pixels; NaN rows for normal images). round(n * lesion_fraction) carry a lesion."""
+    (x, y, w, h in pixels; NaN rows for normal images). round(n * lesion_fraction) carry a lesion.
+    (`burn_marker` + `marker_presence` add the planted shortcut.)"""
     if n < 0:
         raise XraylensError(f"phantom count must be >= 0, got {n}")
     if size < 32:
@@ -180,11 +215,16 @@ def write_phantom(
     n_test: int = 100,
     size: int = 96,
     seed: int = 0,
+    marker: tuple[float, float, float] | None = None,
 ) -> Path:
     """Write a folder dataset `out/{train,val,test}/{normal,opacity}/phantom_00001.png` plus the
     lesion boxes as `boxes.csv` (NIH BBox_List layout) and `annotations_objectcxr.csv` (object-CXR
     dev.csv layout: `0 x1 y1 x2 y2`, empty for normal images). File names are unique across splits.
-    Each split has its own derived seed, so it is class-balanced on its own."""
+    Each split has its own derived seed, so it is class-balanced on its own.
+
+    `marker` (train, val, test agreement, e.g. (0.95, 0.95, 0.5)): burn the "L" shortcut marker
+    (see the module docstring) and list which images carry it in `markers.csv` (image, split, label,
+    marker)."""
     from PIL import Image
 
     from xraylens.io import atomic_path, write_csv
@@ -193,17 +233,26 @@ def write_phantom(
     counts = dict(zip(SPLITS, (n_train, n_val, n_test), strict=True))
     if any(c < 0 for c in counts.values()) or sum(counts.values()) == 0:
         raise XraylensError(f"phantom split sizes must be >= 0 and not all 0, got {counts}")
+    if marker is not None and len(marker) != 3:
+        raise XraylensError(f"marker takes one agreement per split (train, val, test), got {marker}")
     nih_rows: list[list[object]] = []
     ocxr_rows: list[list[object]] = []
+    marker_rows: list[list[object]] = []
     idx = 0
     for k, split in enumerate(SPLITS):
         if counts[split] == 0:
             continue
         split_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
         images, labels, boxes = make_phantom_arrays(counts[split], size=size, seed=split_seed)
-        for img, lab, box in zip(images, labels, boxes, strict=True):
+        has_marker = np.zeros(len(labels), dtype=bool)
+        if marker is not None:
+            marker_seed = int(np.random.SeedSequence([seed, k, 1]).generate_state(1)[0])
+            has_marker = marker_presence(labels, marker[k], marker_seed)
+            burn_marker(images, has_marker)
+        for img, lab, box, mk in zip(images, labels, boxes, has_marker, strict=True):
             idx += 1
             name = f"phantom_{idx:05d}.png"
+            marker_rows.append([name, split, CLASSES[lab], int(mk)])
             path = out / split / CLASSES[lab] / name
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path, suffix=".png") as tmp:
@@ -219,6 +268,8 @@ def write_phantom(
                 ocxr_rows.append([name, ""])
     write_csv(out / "boxes.csv", ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""], nih_rows)
     write_csv(out / "annotations_objectcxr.csv", ["image_name", "annotation"], ocxr_rows)
+    if marker is not None:
+        write_csv(out / "markers.csv", ["image", "split", "label", "marker"], marker_rows)
     return out
 
 
