@@ -164,6 +164,47 @@ def train(
         int | None,
         typer.Option("--seed", help=f"Seed of weights, data order and augmentation (default {_D.train.seed})."),
     ] = None,
+    clinical: Annotated[
+        Path | None,
+        typer.Option("--clinical", help="Clinical CSV, one row per image or patient (default: none)."),
+    ] = None,
+    clinical_cols: Annotated[
+        str | None,
+        typer.Option(
+            "--clinical-cols",
+            help="Comma list of clinical columns; name:num or name:cat forces a type (default: none; with "
+            "--clinical-from-name every named group but label).",
+        ),
+    ] = None,
+    clinical_key: Annotated[
+        str | None,
+        typer.Option("--clinical-key", help="CSV column matching an image's path, file name or stem (default: none)."),
+    ] = None,
+    clinical_from_name: Annotated[
+        str | None,
+        typer.Option(
+            "--clinical-from-name",
+            help="Regex with named groups over file names, e.g. '_age(?P<age>\\d+)' (default: none).",
+        ),
+    ] = None,
+    fusion: Annotated[
+        str | None,
+        typer.Option("--fusion", help=f"Clinical fusion: none, early or late (default {_D.clinical.mode})."),
+    ] = None,
+    clinical_mlp: Annotated[
+        str | None,
+        typer.Option(
+            "--clinical-mlp", help="Late fusion: hidden sizes for the clinical vector, e.g. 16 (default: none)."
+        ),
+    ] = None,
+    allow_leaky_column: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-leaky-column",
+            help="Let this clinical column past the leakage guard; recorded in clinical.json "
+            "(repeatable; default: none).",
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Any setting, e.g. --set train.weight_decay=0 (repeatable; default: none)."),
@@ -201,6 +242,13 @@ def train(
         "data.group_column": group_column,
         "train.device": device,
         "train.seed": seed,
+        "clinical.file": clinical,
+        "clinical.cols": clinical_cols,
+        "clinical.key": clinical_key,
+        "clinical.from_name": clinical_from_name,
+        "clinical.mode": fusion,
+        "clinical.mlp_hidden": clinical_mlp,
+        "clinical.allow_leaky": allow_leaky_column,
     }
     if resume:
         if config or set_:
@@ -232,12 +280,30 @@ def evaluate(
         ),
     ] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap resampling (default 0).")] = 0,
+    importance_repeats: Annotated[
+        int,
+        typer.Option(
+            "--importance-repeats",
+            help="Clinically fused runs: shuffles per column for the permutation importance written to "
+            "clinical_importance-<split>.csv/.json; 0 = off (default 5).",
+        ),
+    ] = 5,
 ) -> None:
     """Write metrics-<split>.json/.csv and predictions-<split>.csv for a split."""
     from xraylens.evaluate.run import TABLE_KEYS, confusion_text, evaluate_run
     from xraylens.metrics import format_ci
 
-    m = evaluate_run(run, data, split, which=checkpoint, device=device, out=out, bootstrap=bootstrap, seed=seed)
+    m = evaluate_run(
+        run,
+        data,
+        split,
+        which=checkpoint,
+        device=device,
+        out=out,
+        bootstrap=bootstrap,
+        seed=seed,
+        importance_repeats=importance_repeats,
+    )
     typer.echo(f"{split}: {m['n_images']} images" + (f", {len(m['skipped'])} skipped" if m["skipped"] else ""))
     if m.get("ci"):
         typer.echo(f"  (95 % bootstrap intervals, {m['ci']['replicates']} replicates, seed {m['ci']['seed']})")
@@ -246,6 +312,12 @@ def evaluate(
             typer.echo(f"  {k:<20} {format_ci(m[k], m.get(f'{k}_ci'), 4)}")
     typer.echo(confusion_text(m, m.get("classes") or []))
     typer.echo(f"wrote {(out or run)}/metrics-{split}.json, metrics-{split}.csv and predictions-{split}.csv")
+    if m.get("clinical_importance"):
+        from xraylens.evaluate.importance import importance_text
+
+        typer.echo(f"clinical permutation importance ({split}, mean ± sd over {importance_repeats} shuffles):")
+        typer.echo(importance_text(m["clinical_importance"]))
+        typer.echo(f"wrote {(out or run)}/clinical_importance-{split}.csv and .json")
 
 
 @app.command()
@@ -254,12 +326,20 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, DICOM...).")],
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    clinical: Annotated[
+        Path | None,
+        typer.Option(
+            "--clinical",
+            help="Clinically fused runs: CSV with the run's key and columns for these files "
+            "(default: the run's own table or file-name pattern).",
+        ),
+    ] = None,
 ) -> None:
     """Print the predicted class and probabilities for single image files."""
     from xraylens.evaluate.predict import predict_files
 
     failed = 0
-    for r in predict_files(run, images, device=device):
+    for r in predict_files(run, images, device=device, clinical=clinical):
         if as_json:
             typer.echo(json.dumps(r))
         elif "error" in r:
@@ -325,10 +405,12 @@ def localize(
     annotations: Annotated[
         Path,
         typer.Option(
-            "--annotations", help="object-CXR dev.csv, NIH BBox_List csv, COCO json, or a folder of binary masks."
+            "--annotations",
+            help="object-CXR dev.csv, NIH BBox_List csv, COCO json (polygons, boxes or RLE), a folder of "
+            "binary masks, or a CheXlocalize RLE json.",
         ),
     ],
-    fmt: Annotated[str, typer.Option("--format", help="object-cxr, nih, coco or masks.")],
+    fmt: Annotated[str, typer.Option("--format", help="object-cxr, nih, coco, masks or rle.")],
     data: Annotated[
         Path | None,
         typer.Option("--data", help="Dataset (class folders) or a plain folder of images. Default: the run's data."),
@@ -376,8 +458,53 @@ def localize(
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per engine pass.")] = 16,
     device: DeviceOpt = "auto",
+    threshold: Annotated[
+        str,
+        typer.Option(
+            "--threshold",
+            help="CheXlocalize mIoU: binarise each map (upsampled to the original image) by otsu, by per-class "
+            "thresholds tuned on --tune-on (tuned), or skip the mIoU (none). Default otsu.",
+        ),
+    ] = "otsu",
+    tune_on: Annotated[
+        str, typer.Option("--tune-on", help="Split to tune the thresholds on with --threshold tuned (default val).")
+    ] = "val",
+    prob_cutoff: Annotated[
+        float,
+        typer.Option(
+            "--prob-cutoff",
+            help="Predicted mask empty when the explained class's probability is below this (default 0: off).",
+        ),
+    ] = 0.0,
+    iou_count: Annotated[
+        str,
+        typer.Option(
+            "--iou-count",
+            help="mIoU over images where both masks are non-empty (both-nonempty, CheXlocalize's default) "
+            "or every image where either is (all). Default both-nonempty.",
+        ),
+    ] = "both-nonempty",
+    reader2: Annotated[
+        Path | None,
+        typer.Option(
+            "--reader2",
+            help="A second reader's annotations: scored beside the model, with the model's percentage "
+            "decrease from it (default: none).",
+        ),
+    ] = None,
+    reader2_format: Annotated[
+        str | None, typer.Option("--reader2-format", help="Format of --reader2 (default: --format).")
+    ] = None,
+    bootstrap: Annotated[
+        int,
+        typer.Option("--bootstrap", help="Bootstrap replicates for the 95 % intervals; 0 = none (default 1000)."),
+    ] = 1000,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the bootstrap and of the random baseline (default 0).")
+    ] = 0,
 ) -> None:
-    """Pointing game, energy and IoU of CAMs against annotations, beside centre and random baselines."""
+    """Pointing game, hit rate, mIoU, energy and IoU of CAMs against annotations, with 95 % intervals,
+    beside centre and random baselines (and a second reader)."""
     from xraylens.localize.run import localize_image, localize_run, parse_size
 
     lay = _names(layers) if layers else None
@@ -429,13 +556,30 @@ def localize(
         device=device,
         batch_size=batch_size,
         ref_size=ref,
+        threshold=threshold,
+        tune_on=tune_on,
+        prob_cutoff=prob_cutoff,
+        iou_count=iou_count,
+        reader2=reader2,
+        reader2_format=reader2_format,
+        bootstrap=bootstrap,
+        seed=seed,
     )
+    from xraylens.metrics import format_ci
+
     typer.echo(
-        f"{s.n_images} annotated-file images, {s.n_annotated} with shapes; pointing game "
-        f"(tolerance {s.tolerance:g} px):"
+        f"{s.n_images} annotated-file images, {s.n_annotated} with shapes; pointing game (tolerance "
+        f"{s.tolerance:g} original px), hit rate and mIoU ({threshold}), 95 % bootstrap intervals:"
     )
-    for m, acc in s.overall.items():
-        typer.echo(f"  {m:<20} {acc:.3f}")
+    typer.echo(f"  {'method':<20} {'pointing game':<24} {'hit rate':<24} mIoU")
+    for m, f in s.figures.items():
+        cells = [format_ci((f.get(k) or {}).get("value"), (f.get(k) or {}).get("ci")) for k in f]
+        typer.echo(f"  {m:<20} " + " ".join(f"{c:<24}" for c in cells[:-1]) + f" {cells[-1]}")
+    if s.percentage_decrease:
+        typer.echo("  percentage decrease from reader2 (all images):")
+        for m, f in s.percentage_decrease.items():
+            cells = [format_ci((f[k].get("all") or {}).get("value"), (f[k].get("all") or {}).get("ci"), 1) for k in f]
+            typer.echo(f"  {m:<20} " + " ".join(f"{c:<24}" for c in cells[:-1]) + f" {cells[-1]}")
     if s.skipped_rows:
         typer.echo(f"  {len(s.skipped_rows)} malformed annotation row(s) skipped (listed in the summary)")
     typer.echo(f"wrote {s.csv_path}, {s.summary_path} and localization_summary.csv")

@@ -26,6 +26,7 @@ def evaluate_run(
     progress: bool = False,
     bootstrap: int = BOOTSTRAP_REPS,
     seed: int = 0,
+    importance_repeats: int = 5,
 ) -> dict[str, Any]:
     """Write `metrics-<split>.json`, `metrics-<split>.csv` and `predictions-<split>.csv` into `out`
     (default: the run dir). With `bootstrap` > 0 replicates, accuracy, sensitivity, specificity, F1, QWK
@@ -56,6 +57,12 @@ def evaluate_run(
         }
     )
     out = Path(out) if out else run.run_dir
+    if run.clinical is not None and importance_repeats:  # a fused run: what each clinical column adds
+        from xraylens.evaluate.importance import clinical_importance
+
+        metrics["clinical_importance"] = clinical_importance(
+            run, split=split, repeats=importance_repeats, seed=seed, out=out, positive=positive, cached=cached
+        )
     write_json(out / f"metrics-{split}.json", metrics)
     write_csv(out / f"metrics-{split}.csv", ["metric", "value", "ci_low", "ci_high"], _metric_rows(metrics))
     pred = probs.argmax(1)

@@ -318,6 +318,12 @@ def _train_locked(
     main = distributed.is_main()
     with distributed.main_first():  # one process per node decodes the cache, the others then read it
         source, train_c, val_c, report = load_data(cfg, progress=progress)
+    # clinical table: leakage guard and fit on train (a resumed run reuses its saved fit); features
+    # ride along with the cached splits (`cached.clinical`, indexed like the images);
+    # before anything is written, so a refused column leaves no run folder
+    clin, train_c, val_c = clinical.prepare_training(
+        cfg.clinical, source.root, train_c, val_c, (ckpt or {}).get("state", {}).get("clinical"), seed=cfg.train.seed
+    )
     if main:
         write_splits_csv(out / "splits.csv", source)  # which image went where, and its patient group
     if cfg.classes and list(cfg.classes) != list(source.classes):
@@ -326,11 +332,6 @@ def _train_locked(
     k = len(cfg.classes)
     if k < 2:
         raise XraylensError(f"need at least 2 classes, found {cfg.classes} in {cfg.data.path}")
-    # clinical table: leakage guard and fit on train (a resumed run reuses its saved fit); features
-    # ride along with the cached splits (`cached.clinical`, indexed like the images)
-    clin, train_c, val_c = clinical.prepare_training(
-        cfg.clinical, source.root, train_c, val_c, (ckpt or {}).get("state", {}).get("clinical"), seed=cfg.train.seed
-    )
 
     counts = np.bincount(train_c.labels, minlength=k)
     log.info(
