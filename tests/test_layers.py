@@ -17,7 +17,8 @@ FLOORS = {
     "data": 2, "models": 2,
     "runs": 3,
     "train": 4, "explain": 4, "evaluate": 4, "segment": 4,
-    "localize": 5, "tune": 5, "cycle": 5,
+    "localize": 5, "tune": 5, "cycle": 5, "crossval": 5,
+    "trust": 5,
     "report": 6, "serve": 6,
     "cli": 7, "demo": 7, "__main__": 7, "__init__": 7,
 }  # fmt: skip
