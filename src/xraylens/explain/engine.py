@@ -25,10 +25,19 @@ Design choices worth knowing:
   "combined" maps; the others: the mean, pytorch-grad-cam's aggregation).
 * A map that is constant (e.g. all zero after the ReLU) cannot be normalised: it is returned as zeros
   and flagged in ``CamResult.constant``; maps never contain NaN.
+* ``precision="bf16"`` runs the forward and the backward pass under bfloat16 autocast (CUDA, or CPU
+  autocast); the captured activations and gradients are cast to float32 before any method's
+  arithmetic, upsampling and normalisation. Measured with CPU bf16 on the fixture radiographs (8 chest,
+  8 knee; resnet18/50, densenet121, efficientnet_b0 at 224 px) the normalised maps of every method but
+  XGrad-CAM stay within ``BF16_TOLERANCE`` (worst 0.0075 mean absolute difference per map, 0.020 at the
+  99th percentile pixel). XGrad-CAM divides by the sum of the activations, which is near zero for a
+  layer before its ReLU (DenseNet's ``norm5``): there bf16 moved maps by up to 0.40 on average; use
+  fp32 for XGrad-CAM on such layers (on ResNets it equals Grad-CAM and stays within tolerance).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +54,12 @@ Targets = str | int | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], to
 
 _COMBINE = ("mean", "max", "product")
 _SCORES = ("logit", "prob")
+PRECISIONS = ("fp32", "bf16")
+# bf16 vs fp32 normalised maps ([0, 1]): the mean absolute difference per map stays below this, the
+# 99th percentile of the pixelwise difference below BF16_TOLERANCE_P99 (tests/test_explain_bf16.py);
+# XGrad-CAM on a layer whose activations sum to about zero is the exception (module docstring)
+BF16_TOLERANCE = 0.01
+BF16_TOLERANCE_P99 = 0.03
 
 
 @dataclass
@@ -152,6 +167,7 @@ class CamEngine:
         self._cut: torch.Tensor | None = None
         self._acts: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
+        self._precision = "fp32"
 
     # -- hooks -----------------------------------------------------------------------------------
     def __enter__(self) -> CamEngine:
@@ -221,6 +237,7 @@ class CamEngine:
         normalize: bool = True,
         output_size: tuple[int, int] | None = None,
         scorecam_batch_size: int = 64,
+        precision: str = "fp32",
     ) -> CamResult:
         """Explain ``x`` [B,C,H,W] (already normalised model input).
 
@@ -232,22 +249,31 @@ class CamEngine:
             default (product for NormGrad, mean for the rest).
         score: back-propagate the target class's "logit" or softmax "prob" (also Score-CAM's score);
             a callable target defines its own score, so it needs the default "logit".
+        precision: "fp32", or "bf16" for the model's passes under bfloat16 autocast (maps within
+            ``BF16_TOLERANCE`` of fp32; the maps' own arithmetic stays float32).
         """
         methods = resolve_methods(methods)
         self._check_args(x, combine, score)
+        check_precision(precision)
         if not self._handles:  # not entered: hooks for this call only
             with self:
-                return self(x, methods, targets, labels, combine, score, normalize, output_size, scorecam_batch_size)
+                return self(
+                    x, methods, targets, labels, combine, score, normalize, output_size, scorecam_batch_size, precision
+                )
         device = _model_device(self.model, x)
         x = x.to(device)
+        self._precision = precision
         self._need_grad = any(METHODS[m].needs_gradients for m in methods)
         self._clear()
         self._capture = True
         try:
             with torch.enable_grad() if self._need_grad else torch.no_grad():
-                out = self.model(x)
+                with self._autocast(device):  # the forward only: backward runs in the forward's dtypes
+                    out = self.model(x)
                 if not isinstance(out, torch.Tensor):
                     raise XraylensError(f"the model returned {type(out).__name__}; wrap it to return a tensor")
+                if precision != "fp32":
+                    out = out.float()  # scores (softmax for score="prob") in float32; the cast is differentiable
                 self._capture = False
                 target, tgt = _resolve_targets(targets, labels, out, score)
                 missing = [n for n in self.layers if n not in self._acts]
@@ -266,6 +292,9 @@ class CamEngine:
                             "on the path to the output); explain them in a separate engine"
                         )
             out = out.detach()
+            if precision != "fp32":  # the maps' arithmetic in float32, whatever the passes ran in
+                self._acts = {k: v.float() for k, v in self._acts.items()}
+                self._grads = {k: v.float() for k, v in self._grads.items()}
             raw: dict[str, dict[str, torch.Tensor]] = {}
             for m in methods:
                 raw[m] = {}
@@ -286,13 +315,25 @@ class CamEngine:
         return CamResult(maps=maps, raw=raw, logits=out, targets=tgt, constant=constant)
 
     def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model(x)
+        with torch.no_grad(), self._autocast(x.device):
+            out = self.model(x)
+            return out.float() if self._precision != "fp32" else out
+
+    def _autocast(self, device: torch.device):
+        if self._precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _check_args(self, x, combine, score) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise XraylensError(f"expected an input batch [B,C,H,W], got {tuple(getattr(x, 'shape', ()))}")
         check_options(combine, score)
+
+
+def check_precision(precision: str) -> None:
+    """--precision: fp32 or bf16 (bf16 needs a device with bfloat16 autocast: CUDA or CPU)."""
+    if precision not in PRECISIONS:
+        raise XraylensError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def check_options(combine: str | None = None, score: str = "logit") -> None:
