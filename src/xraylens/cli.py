@@ -976,6 +976,132 @@ def cycle(
     typer.echo(f"wrote {out / 'cycles.csv'}")
 
 
+@app.command()
+def sanity(
+    run: RunArg,
+    data: DataOpt = None,
+    split: Annotated[
+        str, typer.Option("--split", help="Split of --data whose images are explained (default test).")
+    ] = "test",
+    methods: MethodsOpt = "gradcam",
+    layers: LayersOpt = None,
+    combine: CombineOpt = None,
+    limit: Annotated[int, typer.Option("--limit", help="Images, spread evenly over the split (default 64).")] = 64,
+    independent: Annotated[
+        bool,
+        typer.Option("--independent/--no-independent", help="Also randomise one unit at a time (default: on)."),
+    ] = True,
+    label_randomization: Annotated[
+        bool,
+        typer.Option(
+            "--label-randomization",
+            help="Also retrain the run on shuffled training labels and compare its maps (default: off).",
+        ),
+    ] = False,
+    label_epochs: Annotated[
+        int | None,
+        typer.Option("--label-epochs", help="Epochs of the shuffled-label retraining (default: the run's)."),
+    ] = None,
+    threshold: Annotated[
+        float,
+        typer.Option(
+            "--threshold",
+            help="PASS when the mean Spearman of trained vs fully randomised maps is below this (default 0.5).",
+        ),
+    ] = 0.5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the re-initialisation (default 0).")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: RUN/sanity).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per engine pass (default 16).")] = 16,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Model-randomisation sanity check (Adebayo et al. 2018): do the maps change when the weights go?"""
+    from xraylens.trust.sanity import sanity_run
+
+    s = sanity_run(
+        run,
+        data=data,
+        split=split,
+        methods=methods,
+        layers=_names(layers) if layers else None,
+        combine=combine,
+        limit=limit,
+        independent=independent,
+        label_randomization=label_randomization,
+        label_epochs=label_epochs,
+        threshold=threshold,
+        seed=seed,
+        out=out,
+        device=device,
+        batch_size=batch_size,
+    )
+    typer.echo(s.table())
+    typer.echo(f"wrote {s.csv_path}, {s.json_path} and {len(s.plots)} plot(s) in {s.out}")
+
+
+@app.command()
+def audit(
+    run: RunArg,
+    data: DataOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split of --data to audit (default test).")] = "test",
+    masks: Annotated[
+        Path | None,
+        typer.Option("--masks", help="Folder of lung mask PNGs (as `segment predict` writes; default: none)."),
+    ] = None,
+    methods: MethodsOpt = "gradcam",
+    layers: LayersOpt = None,
+    combine: CombineOpt = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Images, spread evenly over the split (default: all).")
+    ] = None,
+    border: Annotated[
+        float, typer.Option("--border", help="Edge band width, a fraction of the side (default 0.1).")
+    ] = 0.1,
+    corner: Annotated[
+        float, typer.Option("--corner", help="Corner square side, a fraction of the side (default 0.15).")
+    ] = 0.15,
+    flip_margin: Annotated[
+        float,
+        typer.Option(
+            "--flip-margin",
+            help="Flag a region whose blanking flips this much more of the predictions than its control (default 0.1).",
+        ),
+    ] = 0.1,
+    energy_factor: Annotated[
+        float,
+        typer.Option(
+            "--energy-factor", help="CAM energy is high at this multiple of the region's area share (default 2)."
+        ),
+    ] = 2.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the control regions' positions (default 0).")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: RUN/audit).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch (default 32).")] = 32,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Shortcut audit: CAM energy and occlusion flips at the border, the corners and the lungs."""
+    from xraylens.trust.audit import audit_run
+
+    s = audit_run(
+        run,
+        data=data,
+        split=split,
+        masks=masks,
+        methods=methods,
+        layers=_names(layers) if layers else None,
+        combine=combine,
+        limit=limit,
+        border=border,
+        corner=corner,
+        flip_margin=flip_margin,
+        energy_factor=energy_factor,
+        seed=seed,
+        out=out,
+        device=device,
+        batch_size=batch_size,
+    )
+    typer.echo(s.table())
+    typer.echo(f"wrote {s.csv_path} and {s.json_path}")
+
+
 def _describe_methods(command) -> None:
     """--help of every command with --methods lists the methods table's names (imports torch, so only
     when help is asked for)."""
