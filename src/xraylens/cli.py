@@ -72,8 +72,11 @@ def train(
         typer.Option("--epochs", help=f"Training epochs; with --resume, the new total (default {_D.train.epochs})."),
     ] = None,
     image_size: Annotated[
-        int | None,
-        typer.Option("--image-size", help=f"Side of the square model input, pixels (default {_D.data.image_size})."),
+        str | None,
+        typer.Option(
+            "--image-size",
+            help=f"Model input in pixels: one side (a square) or HxW, e.g. 704x407 (default {_D.data.image_size}).",
+        ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")] = Path("runs/run"),
     config: Annotated[
@@ -111,7 +114,9 @@ def train(
     augment: Annotated[
         str | None,
         typer.Option(
-            "--augment", help=f"Comma list of flip, affine, jitter, elastic, or none (default {_D.data.augment})."
+            "--augment",
+            help="Comma list of flip, affine, jitter, elastic, cat_elastic (input [original, CLAHE+Sobel] plus "
+            f"elastic, in_chans 2), or none (default {_D.data.augment}).",
         ),
     ] = None,
     balanced: Annotated[
@@ -974,6 +979,116 @@ def cycle(
     )
     typer.echo(format_table(rows))
     typer.echo(f"wrote {out / 'cycles.csv'}")
+
+
+@app.command()
+def crossval(
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Class folders or CSV manifest; all splits pooled (default: the --config's)."),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder: MODE/fold-K runs, folds/, crossval.csv (default crossval).")
+    ] = Path("crossval"),
+    folds: Annotated[int, typer.Option("--folds", help="Folds, stratified and grouped by patient (default 5).")] = 5,
+    modes: Annotated[
+        str, typer.Option("--modes", help="Comma list of none, early, late, clinical-only (default: all four).")
+    ] = "none,early,late,clinical-only",
+    clinical: Annotated[
+        Path | None, typer.Option("--clinical", help="Clinical CSV, one row per image or patient (default: none).")
+    ] = None,
+    clinical_cols: Annotated[
+        str | None,
+        typer.Option("--clinical-cols", help="Comma list of clinical columns (name:num / name:cat; default: none)."),
+    ] = None,
+    clinical_key: Annotated[
+        str | None,
+        typer.Option("--clinical-key", help="CSV column matching an image's path, file name or stem (default: none)."),
+    ] = None,
+    clinical_from_name: Annotated[
+        str | None,
+        typer.Option("--clinical-from-name", help="Regex with named groups over file names (default: none)."),
+    ] = None,
+    allow_leaky_column: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-leaky-column", help="Let this column past the leakage guard (repeatable; default: none)."
+        ),
+    ] = None,
+    merge_classes: Annotated[
+        str | None,
+        typer.Option(
+            "--merge-classes",
+            help="Merge classes, e.g. 'abnormal=osteopenia,osteoporosis' (several joined by ';'; default: none).",
+        ),
+    ] = None,
+    group_pattern: Annotated[
+        str | None,
+        typer.Option("--group-pattern", help="Regex on the file name giving the patient (default: one per image)."),
+    ] = None,
+    group_column: Annotated[
+        str | None, typer.Option("--group-column", help="Manifest column naming the patient (default: none).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help=f"Model name, see `xraylens models` (default {_D.model.name}).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help=f"Epochs per run (default {_D.train.epochs}).")] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option("--image-size", help=f"One side or HxW, e.g. 96 or 704x407 (default {_D.data.image_size})."),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help=f"Images per optimiser step (default {_D.train.batch_size}).")
+    ] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option("--augment", help=f"As for train, e.g. cat_elastic (default {_D.data.augment})."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the fold assignment (training uses train.seed; default 0).")
+    ] = 0,
+    device: Annotated[
+        str | None, typer.Option("--device", help=f"auto, cpu, cuda or cuda:N (default {_D.train.device}).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML config the runs start from (default: built-in defaults).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any setting, e.g. --set train.lr=3e-4 (repeatable; default: none)."),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", help="No per-epoch or per-fold log lines (default: shown).")
+    ] = False,
+) -> None:
+    """Cross-validate fusion modes: patient-grouped stratified folds, one run per mode and fold
+    (resumable), and a table of mean ± sd accuracy, F1, F2 and AUC (crossval.csv)."""
+    from xraylens.crossval import crossval as run_crossval
+    from xraylens.crossval import format_table
+
+    flags = {
+        "data.path": data,
+        "data.merge_classes": merge_classes,
+        "data.group_pattern": group_pattern,
+        "data.group_column": group_column,
+        "data.image_size": image_size,
+        "data.augment": augment,
+        "model.name": model,
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "train.device": device,
+        "clinical.file": clinical,
+        "clinical.cols": clinical_cols,
+        "clinical.key": clinical_key,
+        "clinical.from_name": clinical_from_name,
+        "clinical.allow_leaky": allow_leaky_column,
+    }
+    cfg = (RunConfig.load(config) if config else RunConfig()).apply(flags).override(list(set_ or []))
+    if quiet:  # the table only: no per-epoch or per-fold log lines
+        logging.getLogger("xraylens").setLevel(logging.WARNING)
+    result = run_crossval(cfg, out, folds=folds, modes=modes, seed=seed)
+    typer.echo(format_table(result.table))
+    typer.echo(f"wrote {out / 'crossval.csv'} and {out / 'crossval-folds.csv'}")
 
 
 @app.command()
