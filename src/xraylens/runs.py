@@ -291,7 +291,7 @@ def open_run(run: RunLike, which: str = "best", device: str = "auto") -> Run:
     ckpt = read_checkpoint(path)
     config = RunConfig.from_dict(ckpt["config"])
     clinical = None
-    if (ckpt.get("state") or {}).get("clinical"):
+    if (ckpt.get("state") or {}).get("clinical") and config.clinical.mode != "none":
         from xraylens.data.clinical import ClinicalPreprocessor
 
         clinical = ClinicalPreprocessor.from_dict(ckpt["state"]["clinical"])

@@ -601,17 +601,24 @@ def check_settings(settings: Any) -> None:
         if settings.cols or settings.key or settings.allow_leaky:
             raise XraylensError("clinical columns given without a table: add --clinical FILE or --clinical-from-name")
         return
+    if settings.file and settings.from_name:
+        raise XraylensError("give either --clinical FILE or --clinical-from-name PATTERN, not both")
     if settings.from_name:
-        compile_name_pattern(settings.from_name)
-        if settings.file:
-            raise XraylensError("give either --clinical FILE or --clinical-from-name PATTERN, not both")
-        return
-    table = read_table(settings.file, settings.key or "")
-    selected_columns(settings, table)
+        rx = compile_name_pattern(settings.from_name)
+        names = [c for c, _ in parse_cols(settings.cols or [])] or [g for g in rx.groupindex if g not in LABEL_GROUPS]
+        absent = [c for c in names if c not in rx.groupindex]
+        if absent:
+            raise XraylensError(f"--clinical-cols {', '.join(absent)} are not named groups of --clinical-from-name")
+    else:
+        names = [c for c, _ in selected_columns(settings, read_table(settings.file, settings.key or ""))]
+    unknown = [a for a in settings.allow_leaky or [] if a not in names]
+    if unknown:
+        raise XraylensError(f"--allow-leaky-column {', '.join(unknown)} is not among the clinical columns")
 
 
 def prepare_training(settings: Any, root, train_c, val_c, saved: dict | None = None, *, seed: int = 0):
-    """(preprocessing or None, train split, val split) with clinical features attached.
+    """(preprocessing or None, train split, val split) with clinical features attached (not for
+    mode none: the table is still checked for leakage and fitted, so clinical.json records it).
 
     A new run reads the table, applies the leakage guard and fits on train; a resumed run reuses the
     preprocessing saved in its checkpoint (`saved`), so its inputs never change mid-run."""
@@ -622,5 +629,7 @@ def prepare_training(settings: Any, root, train_c, val_c, saved: dict | None = N
         pre = ClinicalPreprocessor.from_dict(saved)
     else:
         pre, _ = fit_clinical(settings, train_items, train_c.labels, seed=seed)
+    if str(settings.mode).lower() == "none":  # guarded and fitted (clinical.json), but the model is image-only
+        return pre, train_c, val_c
     table = open_table(settings, train_items + split_items(root, val_c.ids))
     return pre, attach_clinical(pre, table, root, train_c), attach_clinical(pre, table, root, val_c)

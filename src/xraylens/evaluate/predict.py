@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xraylens.errors import DecodeError
+from xraylens.errors import DecodeError, XraylensError
 from xraylens.ops import class_probabilities
 from xraylens.runs import RunLike, open_run
 
@@ -23,6 +23,8 @@ def predict_files(
     columns; default: the run's own table, or its file-name pattern) through the run's fitted
     preprocessing; a file without a row gives {"path", "error"}, a column the table lacks is an error."""
     run = open_run(run, device=device)
+    if clinical is not None and run.clinical is None:
+        raise XraylensError(f"--clinical {clinical}: {run.run_dir} fuses no clinical data; drop --clinical")
     inputs = run.inputs
     results = []
     z_all = _clinical_rows(run, paths, clinical) if run.clinical is not None else None

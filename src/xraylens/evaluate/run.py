@@ -31,6 +31,8 @@ def evaluate_run(
     """Write `metrics-<split>.json`, `metrics-<split>.csv` and `predictions-<split>.csv` into `out`
     (default: the run dir). With `bootstrap` > 0 replicates, accuracy, sensitivity, specificity, F1, QWK
     and AUC get 95 % percentile bootstrap intervals over images (`<metric>_ci` = [low, high], seeded)."""
+    if importance_repeats < 0:
+        raise XraylensError(f"--importance-repeats must be 0 (off) or more, got {importance_repeats}")
     if bootstrap < 0:
         raise XraylensError(f"--bootstrap must be 0 (no intervals) or more replicates, got {bootstrap}")
     run = open_run(run, which=which, device=device)
