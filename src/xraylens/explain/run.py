@@ -18,7 +18,7 @@ import torch
 from xraylens import distributed
 from xraylens.data.sources import is_plain_image_folder
 from xraylens.errors import XraylensError
-from xraylens.explain.engine import CamEngine, CamResult, check_options
+from xraylens.explain.engine import CamEngine, CamResult, check_options, check_precision
 from xraylens.explain.methods import resolve_methods
 from xraylens.models.fusion import bind_clinical
 from xraylens.ops import class_probabilities
@@ -101,6 +101,7 @@ def iter_cams(
     target: str | int = "pred",
     score: str = "logit",
     batch_size: int = 16,
+    precision: str = "fp32",
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, CamResult]]:
     """Yield (cache indices, model input, CamResult) per batch; maps stay on the run's device."""
     targets = parse_target(target, run.classes)
@@ -113,7 +114,9 @@ def iter_cams(
             # a fused model's clinical rows are bound for this batch: the engine explains the image branch
             z = None if cached.clinical is None else torch.from_numpy(cached.clinical[idx]).to(run.device)
             with bind_clinical(run.model, z):
-                res = engine(x, methods, targets=targets, labels=labels, combine=combine, score=score)
+                res = engine(
+                    x, methods, targets=targets, labels=labels, combine=combine, score=score, precision=precision
+                )
                 yield idx, x, res
 
 
@@ -137,6 +140,7 @@ def explain_run(
     cmap: str = "jet",
     alpha: float = 0.4,
     which: str = "best",
+    precision: str = "fp32",
 ) -> ExplainSummary:
     """Explain a split: maps.npz, index.csv, grid_<method>.png and overlays/<method>/*.png in `out`.
 
@@ -145,6 +149,7 @@ def explain_run(
     from xraylens.explain import render
 
     method_list = resolve_methods(methods)
+    check_precision(precision)  # before the run is opened or the data decoded
     check_positive(batch_size=batch_size, limit=limit)
     if overlays < 0 or grid < 0:
         raise XraylensError(f"--overlays and --grid must be 0 or more, got {overlays} and {grid}")
@@ -170,6 +175,7 @@ def explain_run(
         target=target,
         score=score,
         batch_size=batch_size,
+        precision=precision,
     ):
         for m in method_list:
             maps[m].append(res.maps[m][:, 0].half().cpu().numpy())
