@@ -355,7 +355,7 @@ class ClinicalPreprocessor:
         unseen: dict[str, int] = {}
         for c in self.columns:
             for n, r in enumerate(rows):
-                v = r.get(c.name)
+                v = _norm_value(r.get(c.name))  # "", NA, NaN... are missing whoever built the row
                 if c.kind == "num":
                     x = _parse_float(v)
                     if v is not None and x is None:
