@@ -74,6 +74,23 @@ SEGPREDICT = ["segment", "predict", "RUN", "--data", "IMAGES", "--device", "cpu"
 
 CYCLE = ["cycle", "RUN", "--data", "DATA", "--lung-model", "MISSING", "--device", "cpu", "--quiet", "--out", "MISSING"]
 
+CROSSVAL = [
+    "crossval",
+    "--data",
+    "DATA",
+    "--model",
+    "tinyvgg",
+    "--image-size",
+    "32",
+    "--epochs",
+    "1",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--out",
+    "MISSING",
+]
+
 TUNE = [
     "tune",
     "--data",
@@ -207,6 +224,16 @@ BAD = [
     (SEGPREDICT + ["--batch-size", "0"], "--batch-size"),
     (["localize", "RUN", "--annotations", "BOXES", "--format", "nope"], "nope"),
     (["localize", "RUN", "--annotations", "MISSING", "--format", "nih"], "not found"),
+    (LOCALIZE + ["--threshold", "nope"], "--threshold"),
+    (LOCALIZE + ["--threshold", "tuned", "--tune-on", "test"], "--tune-on"),
+    (LOCALIZE + ["--iou-count", "nope"], "--iou-count"),
+    (LOCALIZE + ["--prob-cutoff", "1.5"], "--prob-cutoff"),
+    (LOCALIZE + ["--prob-cutoff", "nan"], "--prob-cutoff"),
+    (LOCALIZE + ["--bootstrap", "-1"], "--bootstrap"),
+    (LOCALIZE + ["--reader2", "MISSING"], "--reader2"),
+    (LOCALIZE + ["--reader2", "BOXES", "--reader2-format", "nope"], "nope"),
+    (LOCALIZE + ["--reader2-format", "nih"], "--reader2"),
+    (["evaluate", "RUN", "--bootstrap", "-1"], "--bootstrap"),
     (CYCLE + ["--cycles", "0"], "--cycles"),
     (CYCLE + ["--strength", "1.5"], "--strength"),
     (CYCLE + ["--strength", "nan"], "--strength"),
@@ -242,6 +269,27 @@ BAD = [
     (TUNE + ["--out", "FILE"], "FILE"),
     (["tune", "--data", "MISSING", "--trials", "1", "--study", "s", "--out", "MISSING"], "does not exist"),
     (["tune", "--data", "DATA", "--trials", "1", "--out", "MISSING"], "--study"),
+    (CROSSVAL + ["--folds", "1"], "--folds"),
+    (CROSSVAL + ["--folds", "50"], "--folds 50"),
+    (CROSSVAL + ["--modes", "none,bogus"], "unknown mode"),
+    (CROSSVAL + ["--modes", "none,none"], "twice"),
+    (CROSSVAL + ["--modes", ","], "--modes"),
+    (CROSSVAL + ["--modes", "late"], "need a clinical table"),
+    (CROSSVAL + ["--merge-classes", "sick"], "NEW=OLD"),
+    (CROSSVAL + ["--merge-classes", "sick=PNEUMONIA,COVID"], "COVID"),
+    (CROSSVAL + ["--merge-classes", "all=NORMAL,PNEUMONIA"], "single class"),
+    (CROSSVAL + ["--merge-classes", "a=NORMAL;b=NORMAL"], "two merges"),
+    (CROSSVAL + ["--image-size", "7x9"], "--image-size"),
+    (CROSSVAL + ["--set", "data.splits_file=x.csv"], "data.splits_file"),
+    (CROSSVAL + ["--set", "data.val_fraction=0"], "val_fraction"),
+    (CROSSVAL + ["--out", "FILE"], "FILE"),
+    (TRAIN + ["--augment", "cat_elastic", "--in-chans", "3"], "in_chans=2"),
+    (TRAIN + ["--set", "data.enhance=sharpen"], "sharpen"),
+    (TRAIN + ["--set", "data.elastic_params=34"], "alpha:sigma"),
+    (TRAIN + ["--set", "data.elastic_p=1.5"], "elastic_p"),
+    (TRAIN + ["--image-size", "704x4"], "--image-size"),
+    (TRAIN + ["--image-size", "1x2x3"], "image_size"),
+    (TRAIN + ["--set", "data.merge_classes=x=nope"], "nope"),
 ]
 
 

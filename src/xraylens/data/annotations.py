@@ -330,7 +330,10 @@ def read_coco(path: str | os.PathLike, skip_bad: bool = False, use_segmentation:
             label = str(label) if label is not None else (str(a["category_id"]) if "category_id" in a else None)
             shapes: list[Shape] = []
             seg = a.get("segmentation")
-            if use_segmentation and isinstance(seg, list) and seg:
+            if use_segmentation and isinstance(seg, dict):  # RLE (compressed or not): a pixel mask
+                m = decode_rle(seg)
+                shapes.extend([Mask(m, label=label)] if m.any() else [])
+            elif use_segmentation and isinstance(seg, list) and seg:
                 for poly in seg:
                     nums = [_float(str(v), "coordinate") for v in poly]
                     if len(nums) < 6 or len(nums) % 2:
@@ -350,6 +353,67 @@ def read_coco(path: str | os.PathLike, skip_bad: bool = False, use_segmentation:
         ann = out[by_id[a["image_id"]]]
         for s in shapes:
             ann._add(s, label)
+    return _require_usable(out, path.name)
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """A COCO run-length-encoded mask ({"size": [h, w], "counts": str | bytes | [ints]}) -> bool [h, w],
+    through pycocotools (column-major counts, as the COCO and CheXlocalize files store them)."""
+    import warnings
+
+    from pycocotools import mask as mask_utils
+
+    try:
+        h, w = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+        if isinstance(counts, list):  # uncompressed RLE: let pycocotools compress it first
+            counts = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"]
+        elif isinstance(counts, str):
+            counts = counts.encode("ascii")
+        with warnings.catch_warnings():  # pycocotools 2.0.x and numpy 2: a harmless copy= deprecation
+            warnings.simplefilter("ignore", DeprecationWarning)
+            m = mask_utils.decode({"size": [h, w], "counts": counts})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a COCO RLE mask ({type(exc).__name__}: {exc})") from None
+    return np.asarray(m, dtype=bool)
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """bool [h, w] -> compressed COCO RLE with `counts` as text (JSON-ready; CheXlocalize's format)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def read_rle_json(path: str | os.PathLike, skip_bad: bool = False) -> AnnotationSet:
+    """CheXlocalize's segmentation JSON: {image id: {finding: COCO RLE}} (gt_segmentations_*.json).
+    Each non-empty mask is a `Mask` labelled with its finding; an image whose masks are all empty is a
+    normal image. Errors name the entry (`image/finding`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise XraylensError(f"annotation file not found: {path}; pass an RLE JSON file {{image: {{finding: RLE}}}}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise XraylensError(f"{path.name}: not JSON ({exc.msg} at line {exc.lineno}); check the file") from None
+    if not isinstance(data, dict):
+        raise XraylensError(f"{path.name}: expected {{image: {{finding: RLE}}}}, got a {type(data).__name__}")
+    out = AnnotationSet(str(path))
+    hint = "fix the entry, or pass --skip-bad to skip it"
+    for key, per in data.items():
+        if not isinstance(per, dict):
+            _bad(out, path.name, str(key), "expected {finding: RLE}", skip_bad, hint)
+            continue
+        entry = out._get(str(key))
+        for label, rle in per.items():
+            try:
+                m = decode_rle(rle)
+            except ValueError as exc:
+                _bad(out, path.name, f"{key}/{label}", str(exc), skip_bad, hint)
+                continue
+            entry.size = (m.shape[1], m.shape[0])
+            entry._add(Mask(m, label=str(label)) if m.any() else None, str(label) if m.any() else None)
     return _require_usable(out, path.name)
 
 
@@ -633,12 +697,13 @@ def _why_unseen(orig: Shape, moved: Shape, g: Geometry, frame: tuple[float, floa
 
 # ------------------------------------------------------------------------------------------- by format
 
-FORMATS = ("object-cxr", "nih", "coco", "masks")
+FORMATS = ("object-cxr", "nih", "coco", "masks", "rle")
 
 
 def read_annotations(path: str | os.PathLike, fmt: str, skip_bad: bool = False) -> AnnotationSet:
     """Read an annotation file in one of `FORMATS` (the CLI's --format)."""
     readers = {"object-cxr": read_object_cxr, "nih": read_nih, "coco": read_coco, "masks": read_mask_folder}
+    readers["rle"] = read_rle_json  # CheXlocalize's {image: {finding: COCO RLE}} JSON
     if fmt not in readers:
         raise XraylensError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     if not Path(path).exists():

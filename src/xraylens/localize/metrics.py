@@ -47,6 +47,9 @@ class PointingResult:
     # float32: the "all" verdict from the same peak and distances (every instance touched), whatever
     # `mode` was; NaN where skipped, or everywhere when a union mask cannot tell instances apart
     hit_all: torch.Tensor
+    # original-pixel version only (`pointing_game_original`), else None:
+    point: torch.Tensor | None = None  # float64 [B, 2]: the peak's (x, y) in original-image pixels
+    hit_rate: torch.Tensor | None = None  # float32: CheXlocalize hit (peak inside a shape, no tolerance)
 
     @property
     def accuracy(self) -> float:
@@ -135,7 +138,9 @@ def _chunks(b: int, size: int) -> list[slice]:
 # ------------------------------------------------------------------------------------------ pointing
 
 
-def _peaks(m: torch.Tensor, chunk_size: int, smooth_sigma: float = 0.0) -> tuple[torch.Tensor, ...]:
+def _peaks(
+    m: torch.Tensor, chunk_size: int, smooth_sigma: float = 0.0, offsets: bool = False
+) -> tuple[torch.Tensor, ...]:
     """First maximum in row-major order of each map [B, H, W] -> (row [B], col [B], constant [B]).
 
     One streaming pass per chunk (row maxima), then small ops: the peak row is the first row holding
@@ -148,6 +153,7 @@ def _peaks(m: torch.Tensor, chunk_size: int, smooth_sigma: float = 0.0) -> tuple
     pr = torch.empty(b, dtype=torch.long, device=dev)
     pc = torch.empty(b, dtype=torch.long, device=dev)
     constant = torch.zeros(b, dtype=torch.bool, device=dev)
+    sub = torch.zeros(b, 2, dtype=torch.float64, device=dev)  # sub-pixel (dx, dy), see _subpixel
     step = max(1, (h * w) // 64)
     for sl in _chunks(b, chunk_size):
         c = m[sl]
@@ -164,7 +170,32 @@ def _peaks(m: torch.Tensor, chunk_size: int, smooth_sigma: float = 0.0) -> tuple
         if bool(cand.any()):
             idx = cand.nonzero()[:, 0]
             constant[sl][idx] = flat[idx].amin(dim=1) == vmax[idx]
-    return pr, pc, constant
+        if offsets:
+            sub[sl] = _subpixel(c, pr[sl], pc[sl])
+    return (pr, pc, constant, sub) if offsets else (pr, pc, constant)
+
+
+def _subpixel(c: torch.Tensor, r: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Sub-pixel offset (dx, dy) [n, 2] of each map's peak from its pixel centre: the vertex of the
+    parabola through the peak and its two neighbours, per axis, clamped to half a pixel; 0 where a
+    neighbour is off the grid or the three are not a strict peak. A two-pixel plateau moves the peak to
+    the middle of the two. Where the continuous (bilinearly upsampled) map peaks, within the pixel."""
+    n, h, w = c.shape
+    ar = torch.arange(n, device=c.device)
+    v = c[ar, r, col].double()
+
+    def axis(lo_ok: torch.Tensor, hi_ok: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        curv = lo - 2 * v + hi
+        d = torch.where(curv < 0, 0.5 * (lo - hi) / torch.where(curv < 0, curv, -1.0), 0.0)
+        return torch.where(lo_ok & hi_ok, d.clamp(-0.5, 0.5), 0.0)
+
+    left = c[ar, r, (col - 1).clamp(min=0)].double()
+    right = c[ar, r, (col + 1).clamp(max=w - 1)].double()
+    up = c[ar, (r - 1).clamp(min=0), col].double()
+    down = c[ar, (r + 1).clamp(max=h - 1), col].double()
+    dx = axis(col > 0, col < w - 1, left, right)
+    dy = axis(r > 0, r < h - 1, up, down)
+    return torch.stack([dx, dy], -1)
 
 
 @torch.no_grad()
@@ -248,6 +279,282 @@ def pointing_game(
     hit_all = verdict(dist_all) if instance_masks is not None or boxes_t is not None else nan
     dist = torch.where(skipped | constant, nan, dist).float()
     return PointingResult(hit, dist, torch.stack([pr, pc], -1), constant, skipped, hit_all)
+
+
+# ------------------------------------------------------------------- pointing in original-image pixels
+
+
+def _offset(offset: ScaleLike, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ox [B], oy [B]) float64: the crop's top-left corner in original pixels (0 = no crop)."""
+    o = torch.as_tensor(offset, dtype=torch.float64, device=device)
+    if o.dim() == 0:
+        o = o.expand(b, 2)
+    elif o.dim() == 1 and o.shape[0] == 2:
+        o = o.expand(b, 2)
+    if o.shape != (b, 2) or not bool(torch.isfinite(o).all()):
+        raise XraylensError(f"offset must be finite: a float, (x0, y0) or per image [B, 2]; got {tuple(o.shape)}")
+    return o[:, 0], o[:, 1]
+
+
+def _segment_distance(pts: np.ndarray, x: float, y: float) -> float:
+    """Distance from (x, y) to the closed polyline through `pts` [E, 2] (the polygon's boundary)."""
+    a, b = pts, np.roll(pts, -1, axis=0)
+    ab = b - a
+    ap = np.array([x, y]) - a
+    t = np.clip((ap * ab).sum(1) / np.maximum((ab * ab).sum(1), 1e-300), 0.0, 1.0)
+    return float(np.sqrt(((ap - t[:, None] * ab) ** 2).sum(1)).min())
+
+
+def _ellipse_polygon(s, n: int = 512) -> np.ndarray:
+    cx, cy = (s.x0 + s.x1) / 2, (s.y0 + s.y1) / 2
+    t = np.linspace(0.0, 2 * np.pi, n, endpoint=False)
+    return np.stack([cx + (s.x1 - s.x0) / 2 * np.cos(t), cy + (s.y1 - s.y0) / 2 * np.sin(t)], -1)
+
+
+def shape_distance(shape, x: float, y: float) -> float:
+    """Euclidean distance in original pixels from the point (x, y) to a continuous annotation shape of
+    `xraylens.data.annotations` (0 inside; boundaries inside). Rectangles and polygons exactly; an
+    ellipse through a 512-gon (error below 2e-5 of its radius); a mask as the union of its pixel squares
+    [c, c+1) x [r, r+1), so a point inside an annotated pixel is at distance 0 (CheXlocalize's
+    `gt_mask[row][col]` test) and any other point measures to the nearest pixel's edge."""
+    from xraylens.data.annotations import Ellipse, Mask, Polygon, Rectangle, _inside_polygon
+
+    if isinstance(shape, Rectangle):
+        dx = max(shape.x0 - x, 0.0, x - shape.x1)
+        dy = max(shape.y0 - y, 0.0, y - shape.y1)
+        return math.hypot(dx, dy)
+    if isinstance(shape, Ellipse):
+        ax, ay = (shape.x1 - shape.x0) / 2, (shape.y1 - shape.y0) / 2
+        cx, cy = (shape.x0 + shape.x1) / 2, (shape.y0 + shape.y1) / 2
+        if ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1.0:
+            return 0.0
+        return _segment_distance(_ellipse_polygon(shape), x, y)
+    if isinstance(shape, Polygon):
+        pts = np.asarray(shape.points, dtype=np.float64)
+        if _inside_polygon(pts, np.array([x]), np.array([y]))[0, 0]:
+            return 0.0
+        return _segment_distance(pts, x, y)
+    if isinstance(shape, Mask):
+        a = shape.array
+        r, c = math.floor(y), math.floor(x)
+        if 0 <= r < a.shape[0] and 0 <= c < a.shape[1] and a[r, c]:
+            return 0.0
+        rows, cols = np.nonzero(a)
+        if rows.size == 0:
+            return math.inf
+        dx = np.maximum(np.maximum(cols - x, 0.0), x - (cols + 1))
+        dy = np.maximum(np.maximum(rows - y, 0.0), y - (rows + 1))
+        return float(np.sqrt(dx * dx + dy * dy).min())
+    raise TypeError(f"unknown shape {type(shape).__name__}")
+
+
+@torch.no_grad()
+def pointing_game_original(
+    maps: torch.Tensor,
+    *,
+    boxes: torch.Tensor | np.ndarray | None = None,
+    shapes: Sequence[Sequence[object]] | None = None,
+    scale: ScaleLike = 1.0,
+    offset: ScaleLike = 0.0,
+    tolerance: float = 15.0,
+    smooth_sigma: float = 0.0,
+    mode: str = "any",
+    subpixel: bool = True,
+    chunk_size: int = 1024,
+) -> PointingResult:
+    """Pointing game measured in the ORIGINAL image, as TorchRay and CheXlocalize do, instead of on the
+    model-input grid (`pointing_game`): a 128-px model on 512-px images has 4-px steps there, and a
+    verdict near the tolerance can flip (e.g. 16.0 px on the grid for a true 13.9 px).
+
+    The peak is the map's first maximum (as `pointing_game`), refined to sub-pixel by a parabola per axis
+    (`subpixel`), then taken back through the run's geometry: x = x_in / sx + x0, y = y_in / sy + y0
+    (`scale` = (sx, sy) input pixels per original pixel, `offset` = the crop's corner (x0, y0), both per
+    image or shared). Its Euclidean distance to each annotation is measured to the continuous shape in
+    original pixels: `boxes` [B, K, 4] (x0, y0, x1, y1, original coordinates, NaN rows = padding; fast,
+    batched) or `shapes` (per image, lists of `annotations` shapes on the decoded original image).
+    Hit = distance <= `tolerance`; `hit_rate` = distance 0 (the peak lies inside a shape: CheXlocalize's
+    hit). Constant maps miss, images without a shape are skipped (module docstring)."""
+    if mode not in ("any", "all"):
+        raise XraylensError(f"pointing game mode must be 'any' or 'all', got {mode!r}")
+    if tolerance < 0:
+        raise XraylensError(f"tolerance must be >= 0 original pixels, got {tolerance}")
+    if (boxes is None) == (shapes is None):
+        raise XraylensError("pass exactly one of boxes= ([B, K, 4] original x0 y0 x1 y1) or shapes= (per image)")
+    m = _bhw(maps)
+    b = m.shape[0]
+    dev = m.device
+    sx, sy = _scale(scale, b, dev)
+    ox, oy = _offset(offset, b, dev)
+    pr, pc, constant, sub = _peaks(m, chunk_size, smooth_sigma, offsets=True)
+    if not subpixel:
+        sub = torch.zeros_like(sub)
+    px = (pc.double() + 0.5 + sub[:, 0]) / sx.double() + ox
+    py = (pr.double() + 0.5 + sub[:, 1]) / sy.double() + oy
+    if boxes is not None:
+        bx = torch.as_tensor(boxes, dtype=torch.float64, device=dev)
+        if bx.dim() == 2:
+            bx = bx[:, None]
+        if bx.dim() != 3 or bx.shape[-1] != 4 or bx.shape[0] != b:
+            raise XraylensError(f"boxes must be [B, K, 4] with B = {b}, got {tuple(bx.shape)}")
+        valid = torch.isfinite(bx).all(-1)
+        x0, y0, x1, y1 = bx.nan_to_num(0.0).unbind(-1)
+        dx = torch.maximum(x0 - px[:, None], px[:, None] - x1).clamp(min=0)
+        dy = torch.maximum(y0 - py[:, None], py[:, None] - y1).clamp(min=0)
+        d = torch.sqrt(dx * dx + dy * dy)
+    else:
+        if len(shapes) != b:
+            raise XraylensError(f"shapes must hold one list per map: {len(shapes)} lists for {b} maps")
+        k = max([len(s) for s in shapes] + [1])
+        d = torch.full((b, k), math.inf, dtype=torch.float64)
+        valid = torch.zeros(b, k, dtype=torch.bool)
+        xs, ys = px.cpu().tolist(), py.cpu().tolist()
+        for i, per in enumerate(shapes):
+            for j, s in enumerate(per):
+                d[i, j] = shape_distance(s, xs[i], ys[i])
+                valid[i, j] = math.isfinite(float(d[i, j]))
+        d, valid = d.to(dev), valid.to(dev)
+    dist_any = torch.where(valid, d, torch.full_like(d, math.inf)).amin(-1)
+    dist_all = torch.where(valid, d, torch.zeros_like(d)).amax(-1)
+    skipped = ~valid.any(-1)
+    eps = 1e-9 * (1.0 + tolerance)
+    nan = torch.full((b,), math.nan, dtype=torch.float32, device=dev)
+
+    def verdict(dist: torch.Tensor, tol: float) -> torch.Tensor:
+        hit = torch.where(constant, 0.0, (dist <= tol + eps).float())
+        return torch.where(skipped, nan, hit)
+
+    dist = dist_any if mode == "any" else dist_all
+    return PointingResult(
+        hit=verdict(dist, tolerance),
+        distance=torch.where(skipped | constant, math.nan, dist).float(),
+        peak=torch.stack([pr, pc], -1),
+        constant=constant,
+        skipped=skipped,
+        hit_all=verdict(dist_all, tolerance),
+        point=torch.stack([px, py], -1),
+        hit_rate=verdict(dist_any, 0.0),
+    )
+
+
+# ---------------------------------------------------------------- CheXlocalize-style segmentation
+#
+# Saporta et al. 2022 (github.com/rajpurkarlab/cheXlocalize, heatmap_to_segmentation.py / eval.py):
+# each map is upsampled bilinearly to the original image, min-max normalised, and binarised by Otsu's
+# threshold on its 8-bit version (regions filled) or by a per-class threshold tuned on a validation
+# split (grid 0.2 ... 0.8, maximising mIoU); a predicted probability below a cutoff gives an empty
+# mask. IoU per image; by default (their true_pos_only=True) only images where both the predicted and
+# the true mask are non-empty count, else every image where either is non-empty (an empty prediction
+# against a lesion, or a prediction on a normal image, scores 0).
+
+TUNE_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # CheXlocalize's np.arange(0.2, .8, .1), which ends at 0.8
+IOU_COUNTS = ("both-nonempty", "all")
+
+
+def map_to_original(map_in: torch.Tensor, geometry) -> torch.Tensor:
+    """A model-input map [H, W] (or [1, H, W]) back on the original image [orig_h, orig_w] float32:
+    bilinear (align_corners=False, as CheXlocalize) onto the crop region, the map's minimum outside it
+    (the model saw nothing there, so a normalised map is 0 there)."""
+    import torch.nn.functional as F
+
+    m = map_in.reshape(map_in.shape[-2], map_in.shape[-1]).float()
+    x0, y0, cw, ch = geometry.crop
+    c0, r0 = int(round(x0)), int(round(y0))
+    c1, r1 = min(geometry.orig_w, int(round(x0 + cw))), min(geometry.orig_h, int(round(y0 + ch)))
+    up = F.interpolate(m[None, None], size=(r1 - r0, c1 - c0), mode="bilinear", align_corners=False)[0, 0]
+    if (r0, c0, r1, c1) == (0, 0, geometry.orig_h, geometry.orig_w):
+        return up
+    out = torch.full((geometry.orig_h, geometry.orig_w), float(m.min()), device=m.device)
+    out[r0:r1, c0:c1] = up
+    return out
+
+
+def normalise01(m: torch.Tensor) -> torch.Tensor:
+    """(m - min) / (max - min); a constant map gives all zeros (nothing stands out)."""
+    lo, hi = m.min(), m.max()
+    return (m - lo) / (hi - lo) if bool(hi > lo) else torch.zeros_like(m)
+
+
+def otsu_threshold(u8: np.ndarray) -> int:
+    """Otsu's threshold of a uint8 image (OpenCV's THRESH_OTSU): the level t maximising the
+    between-class variance of {<= t} and {> t}; the first such t on ties."""
+    hist = np.bincount(np.asarray(u8, dtype=np.uint8).ravel(), minlength=256).astype(np.float64)
+    p = hist / max(hist.sum(), 1.0)
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(p)
+    m0 = np.cumsum(p * levels)
+    mt = m0[-1]
+    w1 = 1.0 - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = np.where((w0 > 0) & (w1 > 0), (mt * w0 - m0) ** 2 / (w0 * w1), -1.0)
+    return int(np.argmax(var))
+
+
+def segment_map(norm: torch.Tensor | np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Binary mask (bool numpy) from a normalised [0, 1] map: `threshold` None = Otsu on
+    uint8(255 * map), `> t`, with holes filled (CheXlocalize fills every contour it finds); a number t
+    = `map > t`. An all-zero map (constant input) gives an empty mask."""
+    from scipy.ndimage import binary_fill_holes
+
+    a = norm.detach().cpu().numpy() if isinstance(norm, torch.Tensor) else np.asarray(norm)
+    if threshold is not None:
+        return a > threshold
+    u8 = (255.0 * a).astype(np.uint8)  # truncation, as np.uint8(255 * mask)
+    if u8.max() == 0:
+        return np.zeros(a.shape, dtype=bool)
+    return binary_fill_holes(u8 > otsu_threshold(u8))
+
+
+def mask_iou(pred: np.ndarray, gt: np.ndarray, count: str = "both-nonempty") -> float:
+    """IoU of two bool masks; NaN (not counted) when `count` is "both-nonempty" and either is empty,
+    or when both are empty under "all" (CheXlocalize's calculate_iou, true_pos_only True / False)."""
+    if count not in IOU_COUNTS:
+        raise XraylensError(f"--iou-count must be one of {', '.join(IOU_COUNTS)}, got {count!r}")
+    ps, gs = bool(pred.any()), bool(gt.any())
+    if (count == "both-nonempty" and not (ps and gs)) or not (ps or gs):
+        return math.nan
+    return float(np.logical_and(pred, gt).sum() / np.logical_or(pred, gt).sum())
+
+
+def ious_at_thresholds(
+    norm: torch.Tensor, gt: np.ndarray, thresholds: Sequence[float] = TUNE_GRID, count: str = "both-nonempty"
+) -> np.ndarray:
+    """IoU of `norm > t` against `gt` for each t, [T] (NaN where it does not count): the tuning table."""
+    return np.array([mask_iou(segment_map(norm, t), gt, count) for t in thresholds])
+
+
+def tune_thresholds(
+    ious: Sequence[np.ndarray], classes: Sequence[str], thresholds: Sequence[float] = TUNE_GRID
+) -> dict[str, float]:
+    """Per class, the threshold of `thresholds` with the highest mIoU (NaN-skipping mean over that
+    class's images of the [T] rows in `ious`; first on ties), as CheXlocalize's tune_heatmap_threshold.
+    A class whose images never count keeps the middle of the grid (0.5)."""
+    if len(ious) != len(classes):
+        raise XraylensError(f"{len(ious)} IoU rows but {len(classes)} classes; pass one class per image")
+    table = np.stack([np.asarray(r, dtype=np.float64) for r in ious]) if len(ious) else np.zeros((0, len(thresholds)))
+    labels = np.asarray([str(c) for c in classes], dtype=object)
+    out: dict[str, float] = {}
+    for c in sorted(set(labels)):
+        rows = table[labels == c]
+        ok = np.isfinite(rows)
+        n = ok.sum(0)
+        if not n.any():
+            out[c] = 0.5
+            continue
+        miou = np.where(n > 0, np.where(ok, rows, 0.0).sum(0) / np.maximum(n, 1), -1.0)
+        out[c] = float(thresholds[int(np.argmax(miou))])
+    return out
+
+
+def representative_point(mask: np.ndarray) -> tuple[float, float] | None:
+    """The (x, y) pixel centre of a reader's mask that lies farthest inside it (Euclidean distance
+    transform): the second reader's "most representative point" for the hit rate, as CheXlocalize's
+    human benchmark marks one point per finding. None for an empty mask."""
+    from scipy.ndimage import distance_transform_edt
+
+    if not mask.any():
+        return None
+    r, c = np.unravel_index(int(np.argmax(distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1])), mask.shape)
+    return (float(c) + 0.5, float(r) + 0.5)
 
 
 # -------------------------------------------------------------------------------------------- energy
