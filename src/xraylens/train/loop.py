@@ -417,7 +417,10 @@ def _train_locked(
         for epoch in range(start_epoch, cfg.train.epochs):
             t0 = time.perf_counter()
             model.train()
-            gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + epoch)
+            # each rank augments its share with its own stream (rank 0: the single-process one)
+            gen = torch.Generator(device=device).manual_seed(
+                cfg.train.seed * 1_000_003 + epoch + 7_919 * distributed.rank()
+            )
             total, n_seen = 0.0, 0
             # train.batch_size is per process: a step sees batch_size x world_size images (torchrun)
             world = distributed.world_size()
@@ -581,8 +584,14 @@ def _ddp(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
         return model
     if device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters: the optimiser keeps them
-    # DDP copies rank 0's weights to every rank; dropout and augmentation then differ between ranks
+    # DDP copies rank 0's weights to every rank; dropout masks then differ between ranks
     torch.manual_seed(seed + 1_000_003 * distributed.rank())
+    log.info(
+        "DistributedDataParallel over %d processes (%s): a step sees train.batch_size x %d images",
+        distributed.world_size(),
+        torch.distributed.get_backend(),
+        distributed.world_size(),
+    )
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
