@@ -762,9 +762,16 @@ def localize_image(
     results = []
     prob = class_probabilities(res.logits)[0]
     for m in method_list:
-        pg = loc.pointing_game(res.maps[m], instance_masks=inst, tolerance=tolerance, scale=scale, smooth_sigma=smooth)
+        pg = loc.pointing_game_original(
+            res.maps[m],
+            **_shape_args(shapes, x.device),
+            scale=scale,
+            offset=geom.crop[:2],
+            tolerance=tolerance,
+            smooth_sigma=smooth,
+        )  # measured in the original image, like localize_run
         r, c = (int(v) for v in pg.peak[0].tolist())
-        px, py = geom.to_original(np.array([c + 0.5, r + 0.5]))
+        px, py = (float(v) for v in pg.point[0].tolist())
         png = out / f"{safe_name(image.stem)}_{safe_name(m)}.png"
         render.save_marked(
             png,
@@ -782,6 +789,7 @@ def localize_image(
                 "target": run.classes[int(res.targets[0])],
                 "probability": float(prob[int(res.targets[0])]),
                 "hit": None if math.isnan(hit) else bool(hit),
+                "hit_rate": None if math.isnan(float(pg.hit_rate[0])) else bool(pg.hit_rate[0]),
                 "skipped": bool(pg.skipped[0]),
                 "distance": float(pg.distance[0]),
                 "peak_xy": [round(float(px), 2), round(float(py), 2)],
