@@ -305,3 +305,80 @@ def test_lung_energy_rises_on_the_lesion_box_and_falls_off_it(tmp_path):
     assert bool((shares[0] <= shares[1]).all()) and bool((shares[1] < shares[2]).all())
     off = mask_energy_ratio(blob(far_x, far_y), masks).energy_fraction  # and moved off again
     assert bool((off < shares[2]).all())
+
+
+# ------------------------------------------------------------------------ original-image pixels
+
+
+def test_original_pixels_true_distance_inside_grid_distance_outside():
+    """The issue's NIH case: a 128-px model on a 512-px image (4 original px per model px). The peak's
+    pixel centre is original (202, 202); a box 13.9 px to its right is a hit at tolerance 15 in the
+    original image, while the model-grid measure (centre to the first pixel centre inside the box,
+    4-px steps) says 16 px: a miss."""
+    from xraylens.localize.metrics import pointing_game_original
+
+    maps = peak_map([(50, 50)], 128, 128)
+    box = [202.0 + 13.9, 180.0, 260.0, 220.0]  # original pixels
+    new = pointing_game_original(maps, boxes=torch.tensor([[box]]), scale=0.25, tolerance=15)
+    old = pointing_game(maps, boxes=torch.tensor([[[v * 0.25 for v in box]]]), scale=0.25, tolerance=15)
+    assert new.hit.tolist() == [1.0] and new.distance[0].item() == pytest.approx(13.9, abs=1e-4)
+    assert old.hit.tolist() == [0.0] and old.distance[0].item() == pytest.approx(16.0)
+    assert new.point[0].tolist() == [202.0, 202.0]
+    # the same answer through the shape path (Rectangle in original coordinates)
+    via_shape = pointing_game_original(maps, shapes=[[Rectangle(*box)]], scale=0.25, tolerance=15)
+    assert via_shape.hit.tolist() == [1.0] and via_shape.distance[0].item() == pytest.approx(13.9, abs=1e-4)
+
+
+def test_original_pixels_true_distance_outside_grid_distance_inside():
+    """The reverse: the map's peak leans left (its left neighbour is nearly as high), so its sub-pixel
+    position is 0.41 model px = 1.64 original px left of the pixel centre. A box whose first pixel
+    centre is 3 model steps away (12 px on the grid) is 13.6 px from that peak: a hit on the grid at
+    tolerance 13, a miss in the original image."""
+    from xraylens.localize.metrics import pointing_game_original
+
+    maps = peak_map([(50, 50)], 128, 128)
+    maps[0, 0, 50, 49] = 0.9
+    box = [214.0, 180.0, 260.0, 220.0]  # input x0 53.5: the pixel centre 53.5 is inside -> 3 steps
+    new = pointing_game_original(maps, boxes=torch.tensor([[box]]), scale=0.25, tolerance=13)
+    old = pointing_game(maps, boxes=torch.tensor([[[v * 0.25 for v in box]]]), scale=0.25, tolerance=13)
+    shift = 0.5 * 0.9 / (0.9 - 2.0) * 4  # the parabola's vertex, in original pixels
+    assert new.point[0, 0].item() == pytest.approx(202.0 + shift)
+    assert new.distance[0].item() == pytest.approx(214.0 - 202.0 - shift)
+    assert new.hit.tolist() == [0.0] and old.hit.tolist() == [1.0]
+    assert old.distance[0].item() == pytest.approx(12.0)
+    # without the sub-pixel step the peak is the pixel centre: 12 px, a hit again
+    flat = pointing_game_original(maps, boxes=torch.tensor([[box]]), scale=0.25, tolerance=13, subpixel=False)
+    assert flat.distance[0].item() == pytest.approx(12.0) and flat.hit.tolist() == [1.0]
+
+
+def test_original_pixels_crop_offset_and_shapes():
+    """A centre crop moves the peak by the crop's corner; ellipses and polygons are measured to their
+    true outline (not their bounding box); boxes and shapes paths agree on random input."""
+    from xraylens.data.annotations import Polygon
+    from xraylens.localize.metrics import pointing_game_original, shape_distance
+
+    maps = peak_map([(10, 10)], 32, 32)
+    # crop corner (16, 8), 2 original px per model px: centre (10.5, 10.5) -> (37, 29)
+    r = pointing_game_original(maps, boxes=torch.tensor([[[40.0, 29.0, 50.0, 30.0]]]), scale=0.5, offset=(16, 8))
+    assert r.point[0].tolist() == [37.0, 29.0] and r.distance[0].item() == pytest.approx(3.0)
+    e = Ellipse(0.0, 0.0, 20.0, 10.0)  # centre (10, 5), semi-axes 10 and 5
+    assert shape_distance(e, 10.0, 5.0) == 0.0
+    assert shape_distance(e, 10.0, -3.0) == pytest.approx(3.0, abs=1e-3)  # above the top vertex
+    assert shape_distance(e, 23.0, 5.0) == pytest.approx(3.0, abs=1e-3)
+    corner = shape_distance(e, 20.0, 10.0)  # the bounding box's corner is outside the ellipse
+    assert 2.0 < corner < 3.5
+    tri = Polygon(((0.0, 0.0), (10.0, 0.0), (0.0, 10.0)))
+    assert shape_distance(tri, 1.0, 1.0) == 0.0
+    assert shape_distance(tri, 10.0, 10.0) == pytest.approx(10 / math.sqrt(2))
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(64, 1, 24, 24, generator=g)
+    xy = torch.rand(64, 2, generator=g) * 80
+    boxes = torch.cat([xy, xy + 5 + torch.rand(64, 2, generator=g) * 20], -1)[:, None].double()
+    kw = dict(scale=(0.25, 0.3), offset=(3.0, 1.0), tolerance=10)
+    a = pointing_game_original(maps, boxes=boxes, **kw)
+    b = pointing_game_original(maps, shapes=[[Rectangle(*bx[0].tolist())] for bx in boxes], **kw)
+    assert torch.equal(a.hit, b.hit) and torch.allclose(a.distance, b.distance)
+    assert torch.equal(a.hit_rate, b.hit_rate)
+    # an image without a shape is skipped, a constant map misses
+    c = pointing_game_original(torch.zeros(2, 1, 8, 8), shapes=[[], [Rectangle(0, 0, 40, 40)]], scale=0.25)
+    assert math.isnan(c.hit[0].item()) and c.hit[1].item() == 0.0 and bool(c.constant[1])
