@@ -88,7 +88,11 @@ def train(
         ),
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help=f"Images per optimiser step (default {_D.train.batch_size}).")
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help=f"Images per optimiser step, per process under torchrun (default {_D.train.batch_size}).",
+        ),
     ] = None,
     lr: Annotated[float | None, typer.Option("--lr", help=f"Learning rate (default {_D.train.lr:g}).")] = None,
     optimizer: Annotated[
