@@ -69,6 +69,11 @@ class Predictor:
     ) -> None:
         if max_batch < 1:
             raise XraylensError(f"max_batch={max_batch} must be at least 1")
+        if run.clinical is not None:  # an upload carries no clinical values: refuse at start, not per request
+            raise XraylensError(
+                f"{run.run_dir} fuses clinical data ({run.config.clinical.mode}); serve takes images only: "
+                "use predict --clinical FILE, or serve a run trained with --fusion none"
+            )
         self.run = run
         self.inputs = run.inputs
         self.max_batch = max_batch
