@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from xraylens import distributed
+import xraylens.distributed as distributed
 from xraylens.data.sources import is_plain_image_folder
 from xraylens.errors import XraylensError
 from xraylens.explain.engine import CamEngine, CamResult, check_options, check_precision

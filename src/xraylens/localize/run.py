@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xraylens import distributed
+import xraylens.distributed as distributed
 from xraylens.data import annotations as ann
 from xraylens.errors import XraylensError
 from xraylens.explain import render

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from xraylens import distributed
+import xraylens.distributed as distributed
 from xraylens.config import RunConfig, flag_name, parse_elastic_params
 from xraylens.data import clinical
 from xraylens.data.augment import GpuAugment
