@@ -78,6 +78,8 @@ CROSSVAL = [
     "crossval",
     "--data",
     "DATA",
+    "--modes",
+    "none",
     "--model",
     "tinyvgg",
     "--image-size",
