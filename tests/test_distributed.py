@@ -72,7 +72,7 @@ def jobs(fixture_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     env = _env(tmp / "cache")
     run = tmp / "ddp-run"
-    data = ["--data", str(fixture_dir / "pneumonia")]
+    data = ["--data", str(fixture_dir / "knee_kl")]  # 35 train images (8 steps of 4), 5 val: shares 3 + 2
 
     t0 = time.perf_counter()
     killed = _torchrun(["train", *data, *TRAIN, "--out", str(run)], tmp, {**env, "XRAYLENS_KILL_AT": "epoch1@1"})
@@ -94,7 +94,7 @@ def jobs(fixture_dir, tmp_path_factory):
     return {
         "tmp": tmp,
         "run": run,
-        "data": fixture_dir / "pneumonia",
+        "data": fixture_dir / "knee_kl",
         "images": images,
         "boxes": boxes,
         "killed": killed,
