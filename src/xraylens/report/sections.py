@@ -547,12 +547,13 @@ def split_section(rf: RunFiles, split: str) -> Section:
         items.append(("positive class", str(positive)))
     sec.blocks.append(KeyValues(items))
     rows = []
+    has_ci = any(isinstance(m.get(f"{k}_ci"), list) for k, _ in HEADLINE)  # evaluate's bootstrap intervals
     for key, name in HEADLINE:
         if key in m:
             extra = " (positive class)" if binary and key in ("sensitivity", "specificity") else ""
             extra = " (mean over classes)" if not binary and key in ("sensitivity", "specificity") else extra
-            rows.append([name + extra, _num(m.get(key))])
-    sec.blocks.append(table(["metric", "value"], rows, title="Metrics"))
+            rows.append([name + extra, _num(m.get(key)), *([_ci_text(m.get(f"{key}_ci"))] if has_ci else [])])
+    sec.blocks.append(table(["metric", "value", *(["95 % CI"] if has_ci else [])], rows, title="Metrics"))
     if m.get("auc_note"):
         sec.notes.append(Note(str(m["auc_note"]), kind="info"))
     per_class = m.get("per_class")
@@ -859,4 +860,12 @@ def _pg_cell(v: Any) -> str:
     if not isinstance(v, dict):
         return "—"
     acc = _num(v.get("accuracy"))
-    return f"{fmt(acc)} ({fmt(v.get('n'))})" if acc is not None else f"— ({fmt(v.get('n'))})"
+    ci = f" {_ci_text(v['ci'])}" if isinstance(v.get("ci"), list) else ""
+    return f"{fmt(acc)}{ci} ({fmt(v.get('n'))})" if acc is not None else f"— ({fmt(v.get('n'))})"
+
+
+def _ci_text(ci: Any) -> str:
+    """A bootstrap interval [low, high] as text; "—" when absent or malformed."""
+    if not isinstance(ci, list) or len(ci) != 2 or any(_num(c) is None for c in ci):
+        return "—"
+    return f"[{fmt(_num(ci[0]))}, {fmt(_num(ci[1]))}]"
