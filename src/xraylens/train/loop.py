@@ -27,7 +27,7 @@ import xraylens.distributed as distributed
 from xraylens.config import RunConfig, flag_name, parse_elastic_params
 from xraylens.data import clinical
 from xraylens.data.augment import GpuAugment
-from xraylens.data.loader import epoch_order, iterate_batches
+from xraylens.data.loader import epoch_order, iterate_batches, stage_images
 from xraylens.data.sources import compile_group_pattern
 from xraylens.data.splits import write_splits_csv
 from xraylens.errors import XraylensError
@@ -440,7 +440,7 @@ def _train_locked(
                     placement=cfg.data.placement,  # GPU-resident or pinned when it fits (auto)
                 )
                 if world == 1
-                else _rank_batches(train_c, cfg, epoch, drop_last)
+                else _rank_batches(train_c, cfg, epoch, drop_last, device)
             )
             n_images = _n_batches(len(train_c.labels), global_bs) * global_bs if drop_last else len(train_c.labels)
             with progress_bar(
@@ -595,25 +595,31 @@ def _ddp(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _rank_batches(train_c, cfg: RunConfig, epoch: int, drop_last: bool) -> Iterator[tuple]:
+def _rank_batches(train_c, cfg: RunConfig, epoch: int, drop_last: bool, device: torch.device) -> Iterator[tuple]:
     """This rank's share of each global batch (batch_size x world_size images of the epoch's order,
-    the same permutation on every rank), as `iterate_batches` yields batches: only this share is read."""
+    the same permutation on every rank), as `iterate_batches` yields batches (same placements): only
+    this share is read."""
     world, rank, bs = distributed.world_size(), distributed.rank(), cfg.train.batch_size
+    where, staged = stage_images(train_c, device, cfg.data.placement)
     order = epoch_order(train_c.labels, shuffle=True, balanced=cfg.data.balanced, seed=cfg.train.seed, epoch=epoch)
     n = len(order)
     stop = n - n % (bs * world) if drop_last else n
-    labels = np.asarray(train_c.labels, dtype=np.int64)
+    labels = torch.from_numpy(np.asarray(train_c.labels, dtype=np.int64))
     for start in range(0, stop, bs * world):
         glob = order[start : start + bs * world]
         lo, hi = distributed.shard_range(len(glob), rank, world)
-        idx = glob[lo:hi]
-        if len(idx) == 0:
+        mine = glob[lo:hi]
+        if len(mine) == 0:
             raise XraylensError(f"{n} training images cannot feed {world} processes; use fewer (--nproc-per-node)")
-        yield (
-            torch.from_numpy(np.asarray(train_c.images[idx])).unsqueeze(1),
-            torch.from_numpy(labels[idx]),
-            torch.from_numpy(idx),
-        )
+        idx = torch.from_numpy(mine)
+        if where == "gpu":
+            x = staged[idx.to(device)]  # type: ignore[index]
+        elif where == "pinned":
+            out = torch.empty((len(idx), *staged.shape[1:]), dtype=torch.uint8, pin_memory=True)  # type: ignore[union-attr]
+            x = torch.index_select(staged, 0, idx, out=out)  # type: ignore[arg-type]
+        else:
+            x = torch.from_numpy(np.asarray(train_c.images[mine]))
+        yield (x.unsqueeze(1) if x.ndim == 3 else x), labels[idx], idx
 
 
 def _val_logits(model: nn.Module, val_c, inputs: InputSettings, device: torch.device, batch_size: int) -> np.ndarray:
