@@ -267,3 +267,21 @@ def test_collectives_gather_uneven_arrays_and_sum_on_gloo(tmp_path):
         assert r["total"] == (3.0, 3.0) and int(r["t"]) == 1 and r["shared"] == "from 0"
     assert r0["parts"] == ([0, 1], {"n": 3})  # rank 0 merged, in rank order
     assert r1["parts"] == ([1], {"n": 2})  # the others keep their own
+
+
+def test_setup_mistakes_are_one_line_errors(monkeypatch):
+    from xraylens.errors import XraylensError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    # one fixed GPU for every process would put all ranks on it
+    with pytest.raises(XraylensError, match="cuda:LOCAL_RANK"):
+        distributed.setup("cuda:1")
+    monkeypatch.setenv("XRAYLENS_DIST_TIMEOUT", "soon")
+    with pytest.raises(XraylensError, match="XRAYLENS_DIST_TIMEOUT"):
+        distributed.setup("cpu")  # checked before joining any group
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(XraylensError, match="RANK"):
+        distributed.env()
+    assert not distributed.is_distributed()
