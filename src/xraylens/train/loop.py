@@ -278,6 +278,9 @@ def train(
     `stop_after_batches` simulates a crash after that many optimiser steps (tests of resume).
     `on_epoch(epoch, score, val_metrics)` runs after each epoch's checkpoints are written (1-based
     epoch); an exception it raises ends the run there (a tuner's pruning), the run staying resumable.
+    Under `torchrun` (see `xraylens.distributed`) every process calls this: DistributedDataParallel,
+    `train.batch_size` per process, each rank its share of every global batch; rank 0 alone locks and
+    writes the run; all ranks get the same (gathered) validation metrics and call `on_epoch`.
     """
     out = Path(out)
     if resume:
