@@ -468,8 +468,12 @@ def map_to_original(map_in: torch.Tensor, geometry) -> torch.Tensor:
     return out
 
 
-def normalise01(m: torch.Tensor) -> torch.Tensor:
-    """(m - min) / (max - min); a constant map gives all zeros (nothing stands out)."""
+def normalise01(m: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """(m - min) / (max - min); a constant map gives all zeros (nothing stands out). Numpy in, numpy
+    out: one original-size map is small work that torch's thread pool only slows down on a busy CPU."""
+    if isinstance(m, np.ndarray):
+        lo, hi = float(m.min()), float(m.max())
+        return (m - lo) * np.float32(1.0 / (hi - lo)) if hi > lo else np.zeros_like(m)
     lo, hi = m.min(), m.max()
     return (m - lo) / (hi - lo) if bool(hi > lo) else torch.zeros_like(m)
 
@@ -516,7 +520,10 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray, count: str = "both-nonempty") -> 
 
 
 def ious_at_thresholds(
-    norm: torch.Tensor, gt: np.ndarray, thresholds: Sequence[float] = TUNE_GRID, count: str = "both-nonempty"
+    norm: torch.Tensor | np.ndarray,
+    gt: np.ndarray,
+    thresholds: Sequence[float] = TUNE_GRID,
+    count: str = "both-nonempty",
 ) -> np.ndarray:
     """IoU of `norm > t` against `gt` for each t, [T] (NaN where it does not count): the tuning table."""
     return np.array([mask_iou(segment_map(norm, t), gt, count) for t in thresholds])

@@ -506,7 +506,7 @@ def _seg_ious(
             pred = np.zeros_like(gt[j])
         else:
             t = None if thresholds is None else thresholds.get(cls[j], thresholds.get("all", 0.5))
-            pred = loc.segment_map(loc.normalise01(loc.map_to_original(maps[j], g)), t)
+            pred = loc.segment_map(loc.normalise01(loc.map_to_original(maps[j], g).cpu().numpy()), t)
         v = loc.mask_iou(pred, gt[j], iou_count)
         out.append(None if math.isnan(v) else round(v, 6))
     return out
@@ -557,7 +557,7 @@ def _tune_thresholds(
         classes += [_class_of(run, cached, i, True, annots.get(keys[i])) for i in idx]
         for m in names:
             for j, g in enumerate(geoms):
-                norm = loc.normalise01(loc.map_to_original(batch_maps[m][j], g))
+                norm = loc.normalise01(loc.map_to_original(batch_maps[m][j], g).cpu().numpy())
                 ious[m].append(loc.ious_at_thresholds(norm, gt[j]))
     return {m: {**loc.tune_thresholds(v, classes), **loc.tune_thresholds(v, ["all"] * len(v))} for m, v in ious.items()}
 
