@@ -171,6 +171,7 @@ def test_representative_point_is_deep_inside_the_reader_mask():
 # ------------------------------------------------------------------------------------------- RLE
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools 2.0.x under numpy 2 (copy=)
 def test_rle_round_trip_through_pycocotools(tmp_path):
     mask_utils = pytest.importorskip("pycocotools.mask")
     rng = np.random.default_rng(0)
