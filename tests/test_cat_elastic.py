@@ -134,6 +134,17 @@ def test_non_square_cat_elastic_end_to_end(fixture_dir, tmp_path):
     explain_run(run, None, "val", out=tmp_path / "cams", device="cpu")
     maps = np.load(tmp_path / "cams" / "maps.npz")["gradcam"]
     assert maps.shape[1:] == (40, 24) and np.isfinite(maps).all() and maps.max() > 0
+    # serve's model worker: the same two-channel input, maps at the input size
+    from xraylens.serve.predictor import Predictor
+
+    server = Predictor(run, max_batch=2, warm_up=False)
+    try:
+        arr, _ = run.inputs.prepare(files[0])
+        got = server.submit(arr, ["gradcam"]).result()
+        assert got.maps["gradcam"].shape == (40, 24)
+        np.testing.assert_allclose(got.probabilities, list(preds[0]["probabilities"].values()), atol=1e-5)
+    finally:
+        server.close()
 
     # localize needs boxes: a phantom with known lesions, trained non-square with cat_elastic
     root = write_phantom(tmp_path / "ph", n_train=16, n_val=8, n_test=8, size=48, seed=2)
