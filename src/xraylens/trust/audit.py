@@ -44,11 +44,15 @@ from xraylens.runs import RunLike, open_run
 
 CORNERS = ("corner_tl", "corner_tr", "corner_bl", "corner_br")
 DEFAULT_FLIP_MARGIN = 0.10
+# Grad-CAM beside LayerCAM: on the planted marker, Grad-CAM's channel-averaged gradients can leave the
+# marker dark while blanking it flips half the predictions; LayerCAM's per-position weights show it
+DEFAULT_METHODS = ("gradcam", "layercam")
 DEFAULT_ENERGY_FACTOR = 2.0
 CSV_COLUMNS = [
     "class", "region", "area", "n", "flip_rate", "score_change", "control_flip_rate", "control_score_change",
     "accuracy_blanked",
 ]  # fmt: skip
+# then per method: energy_<method> (all images) and energy_flipped_<method> (images the blank flips)
 
 
 @dataclass
@@ -111,7 +115,7 @@ def audit_run(
     *,
     data: str | Path | None = None,
     split: str = "test",
-    methods: str | Sequence[str] = ("gradcam",),
+    methods: str | Sequence[str] = DEFAULT_METHODS,
     layers: Sequence[str] | None = None,
     combine: str | None = None,
     masks: str | Path | None = None,
@@ -211,9 +215,16 @@ def audit_run(
     )  # fmt: skip
     out = Path(out) if out else run.run_dir / "audit"
     csv_path, json_path = out / "audit.csv", out / "audit.json"
-    write_csv(csv_path, CSV_COLUMNS + [f"energy_{m}" for m in method_list], _csv_rows(report, method_list))
+    energy_cols = [f"energy_{m}" for m in method_list] + [f"energy_flipped_{m}" for m in method_list]
+    write_csv(csv_path, CSV_COLUMNS + energy_cols, _csv_rows(report, method_list))
     write_json(json_path, _finite(report))
     return AuditSummary(out, len(indices), report["verdict"], report["evidence"], report, csv_path, json_path)
+
+
+def high_energy(area: float, factor: float) -> float:
+    """The energy share called high for a region of `area` (share of the image): `factor` x area, but at
+    most halfway between the area and 1, so a large region (the edge band) can still be called high."""
+    return min(factor * area, (1.0 + area) / 2.0)
 
 
 def _report(run, arr, names, methods, areas, labelled, flip_margin, energy_factor) -> dict[str, Any]:
@@ -236,6 +247,12 @@ def _report(run, arr, names, methods, areas, labelled, flip_margin, energy_facto
                 "control_score_change": mean("cdscore"),
                 "accuracy_blanked": mean("correct") if labelled else None,
                 "energy": {m: (float(np.mean(arr[f"{m}:{r}:energy"][s])) if s.any() else math.nan) for m in methods},
+                # the same, over the images whose prediction the blank flips: does the map show what mattered?
+                "energy_flipped": {
+                    m: (float(np.mean(arr[f"{m}:{r}:energy"][f])) if f.any() else math.nan)
+                    for m in methods
+                    for f in [s & arr[f"{r}:flip"].astype(bool)]
+                },
             }
             table[g][r] = row
     accuracy = float(np.mean(arr["pred"] == arr["label"])) if labelled and len(arr["pred"]) else None
@@ -256,16 +273,25 @@ def _report(run, arr, names, methods, areas, labelled, flip_margin, energy_facto
                 f"{r}: blanking it flips {row['flip_rate']:.1%} of predictions (score change "
                 f"{row['score_change']:+.3f}) vs {row['control_flip_rate']:.1%} for a same-area central control"
             )
+        high = high_energy(row["area"], energy_factor)
         for m, e in row["energy"].items():
-            if e >= energy_factor * row["area"]:
+            ef = row["energy_flipped"][m]
+            if e >= high:
                 warn = True
                 evidence.append(f"{r}: {m} puts {e:.1%} of its energy there (area {row['area']:.1%})")
+            elif r in flagged and math.isfinite(ef) and ef >= high:
+                evidence.append(f"{r}: on the images it flips, {m} puts {ef:.1%} of its energy there")
+            elif r in flagged and e < row["area"]:
+                evidence.append(
+                    f"{r}: {m} puts less energy there ({e:.1%}) than a uniform map would: the map hides this shortcut"
+                )
     verdict = "SHORTCUT" if flagged else ("WARN" if warn else "OK")
     if not evidence:
         evidence.append("no region moves the predictions more than its control, and no CAM energy piles up there")
     rule = (
         f"a region is flagged when blanking it flips >= {flip_margin:.2f} more of the predictions than blanking "
-        f"its control; energy is high when its share >= {energy_factor:g} x the region's area share; "
+        f"its control; energy is high when its share >= {energy_factor:g} x the region's area share (at most "
+        "halfway from the area share to 1, for large regions); "
         "SHORTCUT = a border/corner region flagged, WARN = only energy high or lungs move less than the border"
     )
     return {
@@ -285,7 +311,8 @@ def _report(run, arr, names, methods, areas, labelled, flip_margin, energy_facto
 def _csv_rows(report: dict[str, Any], methods: list[str]):
     for g, regions in report["classes"].items():
         for r, row in regions.items():
-            yield [g, r] + [_fmt(row[c]) for c in CSV_COLUMNS[2:]] + [_fmt(row["energy"][m]) for m in methods]
+            energy = [_fmt(row["energy"][m]) for m in methods] + [_fmt(row["energy_flipped"][m]) for m in methods]
+            yield [g, r] + [_fmt(row[c]) for c in CSV_COLUMNS[2:]] + energy
 
 
 def _fmt(v: Any) -> Any:
