@@ -1175,7 +1175,7 @@ def audit(
         Path | None,
         typer.Option("--masks", help="Folder of lung mask PNGs (as `segment predict` writes; default: none)."),
     ] = None,
-    methods: MethodsOpt = "gradcam",
+    methods: MethodsOpt = "gradcam,layercam",
     layers: LayersOpt = None,
     combine: CombineOpt = None,
     limit: Annotated[
