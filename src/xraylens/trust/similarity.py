@@ -15,6 +15,8 @@ from scipy.stats import rankdata
 from skimage.feature import hog
 from skimage.metrics import structural_similarity
 
+from xraylens.metrics import bootstrap_means, percentile_interval
+
 MEASURES = ("spearman", "ssim", "hog")
 
 
@@ -64,13 +66,8 @@ def map_similarity(
     }
 
 
-def bootstrap_mean_ci(values: np.ndarray, reps: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean, vectorised (one [reps, n] index draw), seeded."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, len(v), size=(reps, len(v)))
-    means = v[idx].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+def bootstrap_mean_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean (`xraylens.metrics.bootstrap_means`, 1,000
+    seeded replicates, vectorised); NaN values do not count. (nan, nan) when nothing is finite."""
+    ci = percentile_interval(bootstrap_means(np.asarray(values, dtype=np.float64), seed=seed))
+    return (float("nan"), float("nan")) if ci is None else (ci[0], ci[1])
