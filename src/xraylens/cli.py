@@ -520,6 +520,14 @@ def localize(
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the bootstrap and of the random baseline (default 0).")
     ] = 0,
+    randomized_baseline: Annotated[
+        bool,
+        typer.Option(
+            "--randomized-baseline",
+            help="Also score each method on a weight-randomised copy of the model, as randomized:<method> "
+            "(default: off).",
+        ),
+    ] = False,
 ) -> None:
     """Pointing game, hit rate, mIoU, energy and IoU of CAMs against annotations, with 95 % intervals,
     beside centre and random baselines (and a second reader)."""
@@ -582,6 +590,7 @@ def localize(
         reader2_format=reader2_format,
         bootstrap=bootstrap,
         seed=seed,
+        randomized_baseline=randomized_baseline,
     )
     from xraylens.metrics import format_ci
 
