@@ -152,6 +152,7 @@ def localize_run(
     reader2: str | Path | None = None,
     reader2_format: str | None = None,
     bootstrap: int = BOOTSTRAP_REPS,
+    randomized_baseline: bool = False,
 ) -> LocalizeSummary:
     """Localisation metrics of a run's CAMs on annotated images; writes localization*.csv/json to `out`.
 
@@ -165,7 +166,11 @@ def localize_run(
     `prob_cutoff`: below this probability of the explained class the predicted mask is empty;
     `iou_count` "both-nonempty" (CheXlocalize's default) or "all"; `reader2`: a second reader's
     annotations (format `reader2_format`, default `fmt`), scored as a method named "reader2";
-    `bootstrap`: replicates for the 95 % intervals (0 = none), seeded by `seed`."""
+    `bootstrap`: replicates for the 95 % intervals (0 = none), seeded by `seed`.
+
+    `randomized_baseline`: each method also on a copy of the model with every weight re-initialised
+    (`trust.randomize`, seeded by `seed`), explaining the same class, as "randomized:<method>": a lead
+    that survives it comes from the architecture (padding, receptive field), not from training."""
     from xraylens.explain.methods import resolve_methods
 
     method_list = resolve_methods(methods)
@@ -224,6 +229,15 @@ def localize_run(
             ref_size=ref_size,
             seed=seed,
         )
+    rand_model = None
+    if randomized_baseline:
+        from xraylens.explain.engine import CamEngine
+        from xraylens.trust.randomize import randomized_copy
+
+        rand_model = randomized_copy(run.model, seed=seed)
+        names += [f"randomized:{m}" for m in method_list]
+        if tuned is not None:  # a randomised copy is segmented with its method's tuned thresholds
+            tuned.update({f"randomized:{m}": tuned[m] for m in method_list})
     rows: list[ImageResult] = []
     hits: dict[str, list[np.ndarray]] = {m: [] for m in names}
     classes_seen: list[str] = []
@@ -253,6 +267,10 @@ def localize_run(
         batch_maps = dict(res.maps)
         batch_maps["baseline:center"] = loc.center_map(b, h, w, device=dev)
         batch_maps["baseline:random"] = loc.random_map(b, h, w, seed=seed + int(idx[0]), device=dev)
+        if rand_model is not None:
+            with CamEngine(rand_model, list(layers) if layers else None) as rand_engine:
+                rres = rand_engine(x, method_list, targets=res.targets, combine=combine)
+            batch_maps.update({f"randomized:{m}": rres.maps[m] for m in method_list})
         cls = [_class_of(run, cached, i, labelled, annots.get(keys[i])) for i in idx]
         classes_seen += cls
         n_annotated += int(union.flatten(1).any(1).sum())
