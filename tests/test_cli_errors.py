@@ -292,6 +292,7 @@ BAD = [
     (TRAIN + ["--image-size", "704x4"], "--image-size"),
     (TRAIN + ["--image-size", "1x2x3"], "image_size"),
     (TRAIN + ["--set", "data.merge_classes=x=nope"], "nope"),
+    (TRAIN + ["--merge-classes", "abnormal"], "NEW=OLD"),
 ]
 
 

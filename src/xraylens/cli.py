@@ -166,6 +166,13 @@ def train(
             "--group-column", help="Manifest column naming the patient, used like --group-pattern (default: none)."
         ),
     ] = None,
+    merge_classes: Annotated[
+        str | None,
+        typer.Option(
+            "--merge-classes",
+            help="Merge classes, e.g. 'abnormal=osteopenia,osteoporosis' (several joined by ';'; default: none).",
+        ),
+    ] = None,
     device: Annotated[
         str | None, typer.Option("--device", help=f"auto, cpu, cuda or cuda:N (default {_D.train.device}).")
     ] = None,
@@ -249,6 +256,7 @@ def train(
         "model.train_last": train_last,
         "data.group_pattern": group_pattern,
         "data.group_column": group_column,
+        "data.merge_classes": merge_classes,
         "train.device": device,
         "train.seed": seed,
         "clinical.file": clinical,
