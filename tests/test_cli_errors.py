@@ -72,6 +72,8 @@ LOCALIZE = [
 SEGMENT = ["segment", "train", "--data", "SEGDATA", "--device", "cpu", "--quiet", "--out", "MISSING"]
 SEGPREDICT = ["segment", "predict", "RUN", "--data", "IMAGES", "--device", "cpu", "--quiet", "--out", "MISSING"]
 
+SANITY = ["sanity", "RUN", "--split", "val", "--device", "cpu", "--out", "MISSING"]
+AUDIT = ["audit", "RUN", "--split", "val", "--device", "cpu", "--out", "MISSING"]
 CYCLE = ["cycle", "RUN", "--data", "DATA", "--lung-model", "MISSING", "--device", "cpu", "--quiet", "--out", "MISSING"]
 
 CROSSVAL = [
@@ -271,6 +273,23 @@ BAD = [
     (TUNE + ["--out", "FILE"], "FILE"),
     (["tune", "--data", "MISSING", "--trials", "1", "--study", "s", "--out", "MISSING"], "does not exist"),
     (["tune", "--data", "DATA", "--trials", "1", "--out", "MISSING"], "--study"),
+    (SANITY + ["--limit", "0"], "--limit"),
+    (SANITY + ["--batch-size", "0"], "--batch-size"),
+    (SANITY + ["--threshold", "2"], "--threshold"),
+    (SANITY + ["--threshold", "nan"], "--threshold"),
+    (SANITY + ["--label-epochs", "0"], "--label-epochs"),
+    (SANITY + ["--methods", "nope"], "nope"),
+    (SANITY + ["--layers", "nope"], "nope"),
+    (["sanity", "MISSING", "--out", "MISSING"], "not found"),
+    (AUDIT + ["--limit", "0"], "--limit"),
+    (AUDIT + ["--batch-size", "0"], "--batch-size"),
+    (AUDIT + ["--border", "0.7"], "--border"),
+    (AUDIT + ["--corner", "0"], "--corner"),
+    (AUDIT + ["--flip-margin", "2"], "--flip-margin"),
+    (AUDIT + ["--energy-factor", "0"], "--energy-factor"),
+    (AUDIT + ["--masks", "MISSING"], "not found"),
+    (AUDIT + ["--methods", "nope"], "nope"),
+    (["audit", "MISSING", "--out", "MISSING"], "not found"),
     (CROSSVAL + ["--folds", "1"], "--folds"),
     (CROSSVAL + ["--folds", "50"], "--folds 50"),
     (CROSSVAL + ["--modes", "none,bogus"], "unknown mode"),
