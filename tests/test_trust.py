@@ -206,3 +206,18 @@ def test_audit_and_sanity_on_real_radiographs(tiny_run, fixture_dir, tmp_path):
     assert (tmp_path / "a" / "audit.csv").is_file()
     s = sanity_run(tiny_run, split="val", methods="gradcam", limit=4, out=tmp_path / "s", device="cpu")
     assert s.verdicts["gradcam"]["verdict"] in ("PASS", "FAIL") and s.plots[0].is_file()
+
+
+def test_demo_reports_the_sanity_verdicts_and_the_audit(clean_run):
+    """The demo's trust lines (run_demo calls them after localise, on its own loaded run)."""
+    from xraylens.demo import _trust_lines
+    from xraylens.runs import open_run
+
+    run = open_run(clean_run, device="cpu")
+    text = "\n".join(_trust_lines(run, "test", clean_run))
+    assert "sanity check on 16 test images" in text and "< 0.5" in text
+    assert "gradcam" in text and "layercam" in text and ("PASS" in text or "FAIL" in text)
+    assert "shortcut audit on 64 test images: " in text
+    verdict = json.loads((clean_run / "audit" / "audit.json").read_text())["verdict"]
+    assert f"test images: {verdict}" in text
+    assert (clean_run / "sanity" / "sanity.csv").is_file()

@@ -1,7 +1,8 @@
 """`xraylens demo`: the whole job on an embedded phantom dataset (or a real folder).
 
 phantom data (known opacity boxes) -> train -> evaluate -> explain (CAM grid) -> localise
-(pointing game beside the centre and random baselines). A rerun reuses the trained run only when it
+(pointing game beside the centre and random baselines) -> trust (the model-randomisation sanity
+check and the shortcut audit on a small subset). A rerun reuses the trained run only when it
 was made from the same data and settings; otherwise it stops and says what changed (`force` starts
 anew). The model is loaded once and shared by every step.
 """
@@ -19,6 +20,9 @@ DEMO_METHODS = ["gradcam", "gradcam++", "layercam", "normgrad-scaling", "normgra
 # The phantoms are 96 px: the usual 15 px tolerance would be a sixth of the image, so the demo asks
 # for the peak pixel itself to lie in the opacity box.
 DEMO_TOLERANCE = 0.0
+# the trust checks see a small, evenly spread subset: enough for a verdict, seconds on a CPU
+TRUST_METHODS = ["gradcam", "layercam"]
+SANITY_IMAGES, AUDIT_IMAGES = 16, 64
 
 
 def demo_config(data: Path, epochs: int | None, phantom: bool, device: str = "auto") -> RunConfig:
@@ -127,12 +131,33 @@ def _demo_locked(cfg: RunConfig, out: Path, data: Path, phantom: bool, device: s
         for method, acc in loc.overall.items():
             lines.append(f"    {method:<20} {acc:.3f}")
         lines.append(f"  per-image results: {loc.csv_path}")
+    lines += _trust_lines(run, split, run_dir)
     from xraylens.report import build_report
 
     lines.append(f"  report: {build_report(run)}")  # last: it shows every file written above
     summary = "\n".join(lines)
     write_text(run_dir / "demo_summary.txt", summary + "\n")
     return summary
+
+
+def _trust_lines(run, split: str, run_dir: Path) -> list[str]:
+    """Can the demo's heatmaps be trusted? The randomisation sanity check and the shortcut audit on a
+    small subset of the split (seconds on a CPU)."""
+    from xraylens.trust.audit import audit_run
+    from xraylens.trust.sanity import sanity_run
+
+    sanity = sanity_run(run, split=split, methods=TRUST_METHODS, limit=SANITY_IMAGES, out=run_dir / "sanity")
+    lines = [
+        f"  sanity check on {sanity.n_images} {split} images (PASS: mean Spearman of trained vs fully "
+        f"randomised maps < {sanity.threshold:g}):"
+    ]
+    for method, v in sanity.verdicts.items():
+        lines.append(f"    {method:<20} {v['verdict']}  (Spearman {v['spearman_full_randomization']:.3f})")
+    audit = audit_run(run, split=split, methods=TRUST_METHODS, limit=AUDIT_IMAGES, out=run_dir / "audit")
+    lines.append(f"  shortcut audit on {audit.n_images} {split} images: {audit.verdict}")
+    lines += [f"    - {e}" for e in audit.evidence]
+    lines.append(f"  sanity: {sanity.csv_path}; audit: {audit.json_path}")
+    return lines
 
 
 def _fmt(v) -> str:
