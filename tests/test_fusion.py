@@ -146,3 +146,26 @@ def test_bce_training_selects_best_epoch_by_f2(osteo, tmp_path):
     assert metrics["select"] == "f2"
     assert metrics["best_score"] == pytest.approx(metrics["val"]["f2"])
     assert r.best_epoch in (1, 2)
+
+
+def test_localize_explains_a_fused_run_and_refuses_faithfulness(runs, tmp_path):
+    """localize goes through the same engine with the clinical rows bound; deletion/insertion curves
+    (which mix images' perturbed copies in a batch) are refused for fused runs."""
+    import csv
+
+    from xraylens.localize.run import localize_run
+    from xraylens.runs import open_run
+
+    run = open_run(runs["late"], device="cpu")
+    _, val = run.load_split(None, "val")
+    boxes = tmp_path / "boxes.csv"
+    with boxes.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]"])
+        for i in val.ids:  # a box in the middle of every val image (original pixels)
+            w.writerow([i.split("/")[-1], "joint", 100, 100, 200, 200])
+    s = localize_run(run, annotations=boxes, fmt="nih", split="val", out=tmp_path / "loc", bootstrap=0)
+    assert s.n_annotated == len(val.ids) and s.csv_path.is_file()
+    assert 0.0 <= s.overall["gradcam"] <= 1.0
+    with pytest.raises(XraylensError, match="faithfulness"):
+        localize_run(run, annotations=boxes, fmt="nih", split="val", out=tmp_path / "f", faithfulness=True)
