@@ -163,6 +163,7 @@ BAD = [
     (TRAIN + ["--set", "clinical.leak_threshold=0"], "leak_threshold"),
     (["evaluate", "RUN", "--importance-repeats", "-1"], "--importance-repeats"),
     (["predict", "RUN", "FILE", "--clinical", "CLIN"], "fuses no clinical data"),
+    (["evaluate", "RUN", "--clinical", "CLIN"], "fuses no clinical data"),
     (["train", "--data", "MISSING", "--out", "MISSING"], "does not exist"),
     (["train", "--data", "UTF16", "--out", "MISSING"], "UTF-8"),
     (["train", "--data", "BINARY", "--out", "MISSING"], "UTF-8"),

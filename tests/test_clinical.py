@@ -236,3 +236,25 @@ def test_allow_leaky_column_is_recorded_in_the_run(osteo, tmp_path):
     saved = json.loads((tmp_path / "allowed" / "clinical.json").read_text())
     assert list(saved["allowed_leaky"]) == ["T-score Value"]
     assert RunConfig.load(tmp_path / "allowed" / "config.yaml").clinical.allow_leaky == ["T-score Value"]
+
+
+def test_evaluate_other_data_with_its_own_clinical_table(late_run, osteo, tmp_path):
+    """New patients: images the run's table does not know need their own CSV (same key and columns)."""
+    from xraylens.evaluate.run import evaluate_run
+
+    with (osteo / "clinical.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    data = tmp_path / "external"
+    new_rows = []
+    for r in rows:
+        src = osteo / r["image"]
+        dst = data / src.parent.name / f"ext_{src.name}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+        new_rows.append({**r, "patient_id": f"ext_{r['patient_id']}"})
+    table = _rows_csv(tmp_path / "external.csv", new_rows, list(rows[0]))
+    with pytest.raises(XraylensError, match="no row"):
+        evaluate_run(late_run, data, "train", device="cpu", out=tmp_path / "e0", bootstrap=0, importance_repeats=0)
+    m = evaluate_run(late_run, data, "train", device="cpu", out=tmp_path / "e1", bootstrap=0, importance_repeats=2,
+                     clinical=table)  # fmt: skip
+    assert m["n_images"] >= 6 and len(m["clinical_importance"]) == 3  # class folders: val carved from the 9

@@ -305,6 +305,14 @@ def evaluate(
             "clinical_importance-<split>.csv/.json; 0 = off (default 5).",
         ),
     ] = 5,
+    clinical: Annotated[
+        Path | None,
+        typer.Option(
+            "--clinical",
+            help="Clinically fused runs: CSV with the run's key and columns for --data "
+            "(default: the run's own table or file-name pattern).",
+        ),
+    ] = None,
 ) -> None:
     """Write metrics-<split>.json/.csv and predictions-<split>.csv for a split."""
     from xraylens.evaluate.run import TABLE_KEYS, confusion_text, evaluate_run
@@ -320,6 +328,7 @@ def evaluate(
         bootstrap=bootstrap,
         seed=seed,
         importance_repeats=importance_repeats,
+        clinical=clinical,
     )
     typer.echo(f"{split}: {m['n_images']} images" + (f", {len(m['skipped'])} skipped" if m["skipped"] else ""))
     if m.get("ci"):

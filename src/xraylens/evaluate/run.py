@@ -27,6 +27,7 @@ def evaluate_run(
     bootstrap: int = BOOTSTRAP_REPS,
     seed: int = 0,
     importance_repeats: int = 5,
+    clinical: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write `metrics-<split>.json`, `metrics-<split>.csv` and `predictions-<split>.csv` into `out`
     (default: the run dir). With `bootstrap` > 0 replicates, accuracy, sensitivity, specificity, F1, QWK
@@ -36,6 +37,10 @@ def evaluate_run(
     if bootstrap < 0:
         raise XraylensError(f"--bootstrap must be 0 (no intervals) or more replicates, got {bootstrap}")
     run = open_run(run, which=which, device=device)
+    if clinical is not None:  # other data's clinical values: a CSV with the run's key and columns
+        if run.clinical is None:
+            raise XraylensError(f"--clinical {clinical}: {run.run_dir} fuses no clinical data; drop --clinical")
+        run.clinical_file = clinical
     classes = run.classes
     source, cached = run.load_split(data, split, progress=progress)
     if source.kind == "images":
