@@ -147,6 +147,10 @@ def test_damaged_chunk_re_decodes_its_rows_only(fixture_dir, tmp_path, monkeypat
     data[offset] ^= 0xFF
     npy.write_bytes(bytes(data))
     calls = _count_decodes(monkeypatch)
+    monkeypatch.setenv("XRAYLENS_CACHE_VERIFY", "0")  # the user's choice: no pass over the file, no check
+    unchecked = load_split(src, "train", 16, cache_dir=tmp_path)
+    assert calls == [] and unchecked.images[9, 0, 7] == good[9, 0, 7] ^ 0xFF
+    monkeypatch.delenv("XRAYLENS_CACHE_VERIFY")
     again = load_split(src, "train", 16, cache_dir=tmp_path)
     assert sorted(calls) == sorted(Path(next(r.path for r in src.records if r.id == i)).name for i in c.ids[8:12])
     np.testing.assert_array_equal(again.images, good) and again.key == c.key

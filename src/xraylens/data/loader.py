@@ -30,6 +30,7 @@ GPU_FRACTION = 0.5  # at most this share of the free GPU memory goes to a reside
 PINNED_FRACTION = 0.5  # at most this share of the available RAM is page-locked for a split
 
 log = logging.getLogger("xraylens.loader")
+_STAGE_ROWS = 4096  # rows per host-to-GPU copy when a split is placed on the GPU
 
 
 def resolve_placement(placement: str, nbytes: int, device: torch.device | str | None) -> str:
@@ -61,8 +62,14 @@ def stage_images(
     key = (str(device), where)
     staged = cached.staged.get(key)
     if staged is None:
-        host = torch.from_numpy(np.array(cached.images))  # one sequential read of the cache file
-        staged = host.to(device) if where == "gpu" else host.pin_memory()
+        shape = tuple(cached.images.shape)
+        if where == "pinned":
+            staged = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+            np.copyto(staged.numpy(), cached.images)  # one sequential read of the map, no second host copy
+        else:
+            staged = torch.empty(shape, dtype=torch.uint8, device=device)
+            for lo in range(0, shape[0], _STAGE_ROWS):  # in slices: host RAM holds one slice at a time
+                staged[lo : lo + _STAGE_ROWS].copy_(torch.from_numpy(np.array(cached.images[lo : lo + _STAGE_ROWS])))
         cached.staged.clear()  # one resident copy per split
         cached.staged[key] = staged
         log.info("split %s: %d images placed %s", cached.split, len(cached), where)
