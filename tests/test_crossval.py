@@ -154,6 +154,11 @@ def test_resume_after_a_kill_reuses_finished_folds(fixture_dir, tmp_path, monkey
     again = crossval(cfg, out, folds=2, modes="none,late", seed=0)
     assert not calls and set(again.runs.values()) == {"reused"}
     assert [row["accuracy"] for row in again.table] == [row["accuracy"] for row in r.table]
+    # the same settings with paths typed relative to another working directory: still reused
+    monkeypatch.chdir(fixture_dir)
+    cfg.data.path, cfg.clinical.file = "osteoporosis/images", "osteoporosis/clinical.csv"
+    assert set(crossval(cfg, out, folds=2, modes="none,late", seed=0).runs.values()) == {"reused"}
+    assert not calls
     # other settings in the same folder are refused, naming what changed
     cfg.train.lr = 0.5
     with pytest.raises(XraylensError, match="train.lr"):

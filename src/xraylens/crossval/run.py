@@ -170,7 +170,7 @@ def crossval(
     """Cross-validate each mode of `modes` on `cfg.data.path` (see the module docstring); returns the
     table, also written to OUT/crossval.csv and OUT/crossval-folds.csv."""
     from xraylens.data import clinical
-    from xraylens.train.loop import check_config
+    from xraylens.train.loop import absolute_paths, check_config
 
     out = Path(out)
     mode_list = parse_modes(modes)
@@ -187,6 +187,10 @@ def crossval(
         )
     cfg.clinical.mode = "none"
     check_config(cfg)
+    # absolute paths: the recorded settings (and every fold run) do not depend on how a path was typed
+    absolute_paths(cfg)
+    if cfg.clinical.file:
+        cfg.clinical.file = str(Path(cfg.clinical.file).expanduser().resolve())
     clinical.check_settings(cfg.clinical)
     if out.exists() and not out.is_dir():
         raise XraylensError(f"--out {out} is a file; choose a folder for the crossval")
