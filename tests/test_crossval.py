@@ -194,3 +194,23 @@ def test_summary_leaves_out_undefined_values():
     (t,) = summarise(rows)
     assert t["accuracy_mean"] == 0.75 and t["accuracy_sd"] == pytest.approx(np.std([0.5, 1.0], ddof=1))
     assert t["auc_n"] == 1 and t["auc"] == "0.800" and t["accuracy"] == "0.750 ± 0.354"
+
+
+def test_manifest_with_a_patient_column_keeps_each_patient_in_one_fold(fixture_dir, tmp_path):
+    # a CSV manifest (path, label, patient); two osteopenia images belong to one patient
+    images = fixture_dir / "osteoporosis" / "images"
+    rows = ["path,label,patient"]
+    for p in sorted(images.rglob("*.png")):
+        patient = "P-twice" if p.stem in ("OP22", "OP129") else p.stem
+        rows.append(f"{p},{p.parent.name},{patient}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    cfg = tiny_config(manifest, **{**FAST, "data.group_column": "patient"})
+    r = crossval(cfg, tmp_path / "cv", folds=2, modes="none", seed=1)
+    assert [row["mode"] for row in r.table] == ["none"]
+    assign = _read(tmp_path / "cv" / "folds.csv")
+    twice = {a["fold"] for a in assign if a["group"] == "P-twice"}
+    assert len(twice) == 1 and sum(a["group"] == "P-twice" for a in assign) == 2
+    for k in (1, 2):
+        split = {row["id"]: row["split"] for row in _read(tmp_path / "cv" / "folds" / f"fold-{k}.csv")}
+        assert len({split[a["id"]] for a in assign if a["group"] == "P-twice"}) == 1
