@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from xraylens.errors import XraylensError
 from xraylens.io import write_text
 from xraylens.report import sections as S
+from xraylens.report import study as ST
+from xraylens.report import trust as T
 
 if TYPE_CHECKING:
     from xraylens.runs import RunLike
@@ -36,7 +38,8 @@ def resolve_run_dir(run: RunLike) -> Path:
         raise XraylensError(f"run directory not found: {path}")
     if not any((path / f).is_file() for f in RUN_FILES):
         raise XraylensError(
-            f"{path} is not an xraylens run (no {', '.join(RUN_FILES)}); pass the --out of `xraylens train`"
+            f"{path} is not an xraylens run, crossval or tune folder (no {', '.join(RUN_FILES)}, "
+            f"{', '.join(ST.STUDY_FILES)}); pass the --out of `xraylens train`, `crossval` or `tune`"
         )
     return path
 
@@ -48,8 +51,10 @@ def report_sections(run: RunLike) -> tuple[S.RunFiles, list[S.Section]]:
     secs = [
         S.guarded("settings", "Settings", S.settings_section, rf),
         S.guarded("data", "Dataset", S.data_section, rf),
-        S.guarded("training", "Training", S.training_section, rf),
     ]
+    if T.has_clinical(rf):  # fused runs only: an image-only run has no clinical inputs to miss
+        secs.append(S.guarded("clinical", "Clinical inputs", T.clinical_section, rf))
+    secs.append(S.guarded("training", "Training", S.training_section, rf))
     for split in rf.held_out():
         if split not in rf.evaluated:
             # a split the run has but nobody evaluated: say so where its metrics would be
@@ -67,14 +72,31 @@ def report_sections(run: RunLike) -> tuple[S.RunFiles, list[S.Section]]:
         secs.append(S.guarded(f"metrics-{split}", f"Metrics — {split}", lambda r, s=split: S.split_section(r, s), rf))
     secs.append(S.guarded("cams", "Class activation maps", S.cams_section, rf))
     secs.append(S.guarded("localization", "Localisation and faithfulness", S.localization_section, rf))
+    secs.append(S.guarded("sanity", "Sanity check: model randomisation", T.sanity_section, rf))
+    secs.append(S.guarded("audit", "Shortcut audit", T.audit_section, rf))
     return rf, secs
 
 
 def render_report(run: RunLike) -> str:
-    """The report page as HTML text."""
+    """The report page as HTML text: a run's page, or the study page of a crossval or tune folder."""
+    kind = ST.study_kind(Path(getattr(run, "run_dir", run)).expanduser())
+    if kind is not None:
+        folder = Path(getattr(run, "run_dir", run)).expanduser()
+        cards, secs = ST.study_sections(folder, kind, str(getattr(run, "run_dir", run)))
+        return _render(folder.resolve().name, str(folder.resolve()), cards, secs, ST.FOOTERS[kind])
+    rf, secs = report_sections(run)
+    return _render(
+        rf.run_dir.resolve().name,
+        str(rf.run_dir.resolve()),
+        _cards(rf, secs),
+        secs,
+        "from the files of the run folder",
+    )
+
+
+def _render(title: str, path: str, cards: list[S.Card], secs: list[S.Section], source: str) -> str:
     import jinja2
 
-    rf, secs = report_sections(run)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
         autoescape=True,  # run, class, file and group names are user data
@@ -84,13 +106,14 @@ def render_report(run: RunLike) -> str:
     )
     missing = [n for s in secs for n in s.notes if n.kind in ("missing", "damaged")]
     return env.get_template("report.html").render(
-        title=rf.run_dir.resolve().name,
-        run_path=str(rf.run_dir.resolve()),
+        title=title,
+        run_path=path,
         generated=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         version=_version(),
-        cards=_cards(rf, secs),
+        cards=cards,
         problems=missing,
         sections=secs,
+        source=source,
     )
 
 
@@ -105,9 +128,10 @@ def _version() -> str:
 
 
 def build_report(run: RunLike, out: str | os.PathLike | None = None) -> Path:
-    """Write the report of `run` (a run folder or a loaded `Run`) to `out` (default RUN/report.html;
-    a folder gets report.html inside it) and return its path."""
-    run_dir = resolve_run_dir(run)
+    """Write the report of `run` (a run folder or a loaded `Run`, or a crossval or tune output folder) to
+    `out` (default RUN/report.html; a folder gets report.html inside it) and return its path."""
+    folder = Path(getattr(run, "run_dir", run)).expanduser()
+    run_dir = folder if ST.study_kind(folder) is not None else resolve_run_dir(run)
     target = Path(out).expanduser() if out is not None else run_dir / REPORT_NAME
     if target.is_dir():
         target = target / REPORT_NAME
@@ -156,4 +180,13 @@ def _cards(rf: S.RunFiles, secs: list[S.Section]) -> list[S.Card]:
         best = max(methods, key=methods.__getitem__)
         base = "; ".join(f"{k.removeprefix('baseline:')} {S.fmt(v)}" for k, v in pg.items() if k in S.BASELINES)
         cards.append(S.Card(f"pointing game, {best}", S.fmt(pg[best]), f"baselines: {base}" if base else ""))
+    san = next((s for s in secs if s.id == "sanity" and s.present), None)
+    if san and san.facts.get("sanity"):
+        v = san.facts["sanity"]
+        passed = sum(x == "PASS" for x in v.values())
+        detail = ", ".join(f"{m} {x}" for m, x in v.items())
+        cards.append(S.Card("sanity check", f"{passed} of {len(v)} pass", detail))
+    aud = next((s for s in secs if s.id == "audit" and s.present), None)
+    if aud and aud.facts.get("audit"):
+        cards.append(S.Card("shortcut audit", str(aud.facts["audit"]), ""))
     return cards

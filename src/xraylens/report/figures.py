@@ -298,3 +298,23 @@ def embed_png(path: Path, max_width: int = 1100, max_bytes: int = 300_000) -> st
         )
         encoded.append(buf.getvalue())
     return png_uri(min(encoded, key=len))
+
+
+def fold_scores(series: Mapping[str, Mapping[str, Sequence[float]]], metrics: Sequence[tuple[str, str]]) -> str:
+    """One panel per metric: each mode's per-fold figures as dots and their mean as a bar (crossval)."""
+    fig = _figure(min(12.0, 2.2 + 2.6 * len(metrics)), 3.4)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    names = list(series)
+    for ax, (key, title) in zip(axes, metrics, strict=True):
+        for i, name in enumerate(names):
+            v = np.asarray(series[name].get(key, []), dtype=np.float64)
+            v = v[np.isfinite(v)]
+            if not len(v):
+                continue
+            colour = PALETTE[i % len(PALETTE)]
+            ax.bar(i, v.mean(), width=0.6, color=colour, alpha=0.35)
+            ax.plot(np.full(len(v), i) + np.linspace(-0.12, 0.12, len(v)), v, "o", ms=4, color=colour)
+        ax.set_xticks(range(len(names)), [label(n, 16) for n in names], fontsize=8, rotation=30, ha="right")
+        ax.set_ylim(0, 1.02)
+        _style(ax, label(title))
+    return _uri(fig)

@@ -318,7 +318,9 @@ def settings_section(rf: RunFiles) -> Section:
             sec.notes.append(Note("no config.yaml: this folder was not written by `xraylens train`"))
         return sec
     sec.blocks.append(Paragraph("The resolved settings of the run (config.yaml, defaults filled in)."))
-    for part in ("data", "model", "train"):
+    clin = rf.config.get("clinical") or {}
+    parts = ("data", "model", "train") + (("clinical",) if clin.get("file") or clin.get("from_name") else ())
+    for part in parts:
         values = rf.config.get(part) or {}
         sec.blocks.append(KeyValues([(k, _setting(v)) for k, v in values.items()], caption=part, column=True))
     return sec
@@ -814,6 +816,7 @@ def localization_section(rf: RunFiles) -> Section:
             )
             sec.blocks.append(Heading("Faithfulness"))
             sec.blocks.append(Paragraph("Not measured in this run."))
+    sec.blocks.extend(chexlocalize_blocks(s, methods))
     dropped = [d for d in s.get("dropped_shapes") or [] if isinstance(d, dict)]
     if dropped:
         sec.blocks.append(Heading(f"Shapes the model cannot see ({sum(int(d.get('count') or 0) for d in dropped)})"))
@@ -869,3 +872,57 @@ def _ci_text(ci: Any) -> str:
     if not isinstance(ci, list) or len(ci) != 2 or any(_num(c) is None for c in ci):
         return "—"
     return f"[{fmt(_num(ci[0]))}, {fmt(_num(ci[1]))}]"
+
+
+def chexlocalize_blocks(s: dict[str, Any], methods: list[str]) -> list[Any]:
+    """Hit rate and mIoU per method (CheXlocalize), and each method's percentage decrease from a second
+    reader, from localization_summary.json's "chexlocalize" and "reader2" parts."""
+    chx = s.get("chexlocalize")
+    if not isinstance(chx, dict):
+        return []
+    hit, miou = chx.get("hit_rate") or {}, chx.get("miou") or {}
+    if not hit and not miou:
+        return []
+
+    def cell(d: Any) -> str:
+        d = (d or {}).get("all") if isinstance(d, dict) else None
+        if not isinstance(d, dict) or _num(d.get("value")) is None:
+            return "—"
+        return f"{fmt(_num(d['value']))} {_ci_text(d.get('ci'))} ({fmt(d.get('n'))})"
+
+    thr = str(chx.get("threshold") or "otsu")
+    how = f"threshold {thr}" + (f" (tuned on {chx['tune_on']})" if chx.get("tune_on") else "")
+    cutoff = _num(chx.get("prob_cutoff"))
+    if cutoff:
+        how += f", maps zeroed below probability {fmt(cutoff)}"
+    how += f", IoU counted over {fmt(chx.get('iou_count'))} images"
+    blocks: list[Any] = [
+        table(
+            ["method", "hit rate [95 % CI] (images)", "mIoU [95 % CI] (images)"],
+            [[m, cell(hit.get(m)), cell(miou.get(m))] for m in methods],
+            row_kinds=["baseline" if m in BASELINES else "" for m in methods],
+            title="CheXlocalize",
+            caption=f"hit rate: the map's peak inside an annotation (no tolerance); mIoU: {how}",
+        )
+    ]
+    r2 = s.get("reader2")
+    dec = (r2 or {}).get("percentage_decrease") if isinstance(r2, dict) else None
+    if isinstance(dec, dict) and dec:
+
+        def pct(d: Any) -> str:
+            a = (d or {}).get("all") if isinstance(d, dict) else None
+            if not isinstance(a, dict) or _num(a.get("value")) is None:
+                return "—"
+            pair = f"reader {fmt(_num(a.get('reader')))}, model {fmt(_num(a.get('model')))}"
+            return f"{_num(a['value']):.1f} % {_ci_text(a.get('ci'))} ({pair})"
+
+        blocks.append(
+            table(
+                ["method", "pointing game", "hit rate", "mIoU"],
+                [[m, pct(v.get("pointing_game")), pct(v.get("hit_rate")), pct(v.get("miou"))] for m, v in dec.items()],
+                title="Against a second reader",
+                caption=f"percentage decrease from the second reader ({fmt(r2.get('annotations'))}): 100 (reader − "
+                "model) / reader, with a paired bootstrap interval; lower is closer to the reader",
+            )
+        )
+    return blocks
