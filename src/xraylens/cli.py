@@ -672,13 +672,16 @@ def demo(
 
 @app.command()
 def report(
-    run: Annotated[Path, typer.Argument(help="Run directory written by `xraylens train`.")],
+    run: Annotated[
+        Path, typer.Argument(help="Run directory written by `xraylens train`, or the --out of `crossval` or `tune`.")
+    ],
     out: Annotated[
         Path | None, typer.Option("--out", help="HTML file, or a folder for report.html (default: RUN/report.html).")
     ] = None,
 ) -> None:
-    """Write one self-contained HTML page of a run (settings, data, training curves, metrics with ROC,
-    precision-recall and calibration plots, CAM grids, localisation) and print its path."""
+    """Write one self-contained HTML page of a run (settings, data, clinical inputs, training curves, metrics
+    with ROC, precision-recall and calibration plots, CAM grids, localisation, sanity check, shortcut
+    audit), or the study page of a crossval or tune folder, and print its path."""
     from xraylens.report import build_report
 
     typer.echo(build_report(run, out))
