@@ -112,3 +112,42 @@ def test_write_phantom_layout_and_annotations(tmp_path):
 def test_write_phantom_rejects_empty(tmp_path):
     with pytest.raises(XraylensError):
         write_phantom(tmp_path, n_train=0, n_val=0, n_test=0)
+
+
+def test_planted_marker_follows_the_label_per_split_and_sits_in_the_audit_corner(tmp_path):
+    from xraylens.data.phantom import burn_marker, marker_box, marker_presence
+    from xraylens.localize.metrics import corner_region
+
+    plain = write_phantom(tmp_path / "plain", n_train=60, n_val=20, n_test=60, size=64, seed=2)
+    marked = write_phantom(tmp_path / "marked", n_train=60, n_val=20, n_test=60, size=64, seed=2,
+                           marker=(0.95, 0.95, 0.5))  # fmt: skip
+    with open(marked / "markers.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 140 and not (plain / "markers.csv").exists()
+    agree = {s: np.mean([(r["label"] == "opacity") == (r["marker"] == "1") for r in rows if r["split"] == s])
+             for s in ("train", "test")}  # fmt: skip
+    assert agree["train"] >= 0.85 and 0.3 <= agree["test"] <= 0.7, agree
+    # the marker is the only difference: unmarked images are bit-identical to the run without the option,
+    # marked ones differ only inside the top-left corner square the audit blanks (0.15 of the side)
+    corner = corner_region(64, 64, 0.15).numpy()
+    corner[:, 32:] = False
+    corner[32:, :] = False
+    for r in rows:
+        a = np.asarray(Image.open(plain / r["split"] / r["label"] / r["image"]))
+        b = np.asarray(Image.open(marked / r["split"] / r["label"] / r["image"]))
+        diff = a != b
+        if r["marker"] == "0":
+            assert not diff.any()
+        else:
+            assert diff.any() and not diff[~corner].any()
+            assert b[corner].max() >= 240  # bright: the letter, whatever the film's corner looks like
+    inset, height, stroke = marker_box(64)
+    assert inset + height <= round(0.15 * 64)
+    img = burn_marker(np.zeros((2, 64, 64), np.uint8), np.array([True, False]))
+    assert img[0].sum() > 0 and img[1].sum() == 0
+    # an "L": a vertical bar and a foot, not a filled block
+    assert img[0, inset, inset] > 0 and img[0, inset, inset + height // 2] == 0
+    with pytest.raises(XraylensError, match="agreement"):
+        marker_presence(np.array([0, 1]), 1.5, seed=0)
+    with pytest.raises(XraylensError, match="per split"):
+        write_phantom(tmp_path / "bad", n_train=4, n_val=0, n_test=0, size=64, marker=(0.9,))
