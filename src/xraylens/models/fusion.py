@@ -5,8 +5,9 @@
     kept; the new ones start at the conv's default init). Augmentation never touches the planes: they
     are added inside the wrapper, after the loop's augmentation.
 `late`: the backbone's classifier becomes an identity, so it returns its pooled features [B, D];
-    z (optionally through Linear-ReLU layers, `mlp_hidden`) is concatenated to them and a new head
-    (Linear, or the MLP head `head_hidden` describes) classifies [D + F'].
+    z (optionally through Linear-ReLU layers, `mlp_hidden`) is mapped by Linear + BatchNorm1d to D
+    units (the image features' width and scale; see the comment in `__init__` for why), concatenated
+    to them, and a new head (Linear, or the MLP head `head_hidden` describes) classifies [2D].
 `none`: no wrapper.
 
 `forward(x, clinical)` takes the clinical tensor per batch. Called as `forward(x)` it uses the tensor
@@ -93,8 +94,19 @@ class FusedModel(nn.Module):
             for h in mlp_hidden:
                 layers += [nn.Linear(f, int(h)), nn.ReLU()]
                 f = int(h)
-            self.clinical_mlp = nn.Sequential(*layers) if layers else nn.Identity()
-            self.head = MLPHead(width + f, tuple(head_hidden), self.num_classes, drop_rate)
+            # Why an embedding as wide as the image features, batch-normalised: concatenated raw, the
+            # F clinical values met D = 512-1296 image features in one fresh Linear. Adam moves each
+            # weight by about lr per step, so a logit can gain ~lr per step per informative input: the
+            # image block has D of them, age has one. After a 5-epoch run (~60 steps at lr 1e-3) the
+            # clinical weights had not even left their random init (+-1/sqrt(D+F)), and late fusion
+            # scored like image-only. Early fusion escapes this because its constant planes go
+            # through conv + BatchNorm into every channel. Here z gets the same treatment: a linear
+            # map to D units, each normalised to unit scale over the batch, so the head sees the
+            # clinical signal in D inputs of the image features' scale. Still linear in z (no ReLU):
+            # without `mlp_hidden` the clinical branch stays a linear model of z.
+            layers += [nn.Linear(f, width), nn.BatchNorm1d(width)]
+            self.clinical_mlp = nn.Sequential(*layers)
+            self.head = MLPHead(2 * width, tuple(head_hidden), self.num_classes, drop_rate)
         self.backbone = backbone
 
     @contextlib.contextmanager
