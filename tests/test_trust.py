@@ -221,3 +221,26 @@ def test_demo_reports_the_sanity_verdicts_and_the_audit(clean_run):
     verdict = json.loads((clean_run / "audit" / "audit.json").read_text())["verdict"]
     assert f"test images: {verdict}" in text
     assert (clean_run / "sanity" / "sanity.csv").is_file()
+
+
+def test_localize_randomized_baseline_scores_each_method_on_a_randomised_copy(tiny_run, fixture_dir, tmp_path):
+    """Real NIH boxes: randomized:<method> rows beside the baselines; the loaded model is left trained."""
+    from xraylens.localize.run import localize_run
+    from xraylens.runs import open_run
+
+    run = open_run(tiny_run, device="cpu")
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    s = localize_run(run, annotations=fixture_dir / "cxr_bbox" / "BBox_List_256.csv", fmt="nih",
+                     data=fixture_dir / "cxr_bbox" / "images", methods="gradcam,normgrad-conv3x3",
+                     randomized_baseline=True, bootstrap=50, out=tmp_path, device="cpu")  # fmt: skip
+    names = set(s.overall)
+    assert {"randomized:gradcam", "randomized:normgrad-conv3x3", "baseline:center"} <= names
+    rows = list(csv.DictReader((tmp_path / "localization.csv").open()))
+    for m in ("gradcam", "randomized:gradcam"):
+        assert len([r for r in rows if r["method"] == m]) == s.n_images
+    # the randomised copy's maps differ from the trained model's on the same images
+    peaks = {
+        m: [(r["peak_x"], r["peak_y"]) for r in rows if r["method"] == m] for m in ("gradcam", "randomized:gradcam")
+    }
+    assert peaks["gradcam"] != peaks["randomized:gradcam"]
+    assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in before.items())
