@@ -226,8 +226,12 @@ def test_damaged_files_are_noted_never_a_traceback(runs, tmp_path):
     (run / "history.csv").write_text("foo,bar\n1,2\n")
     (run / "predictions-test.csv").write_text("id,true\nx,NORMAL\n")
     (run / "metrics-odd.json").write_text('{"classes": ["NORMAL", "other"], "confusion_matrix": [[1]]}')
+    (run / "sanity" / "sanity.json").write_text("{")
+    (run / "audit" / "audit.json").write_text('{"verdict": "OK"}')
     page = _self_contained(build_report(run).read_text(encoding="utf-8"))
     text = page.all_text()
+    assert "sanity.json is not valid JSON" in page.section_text("sanity") and page.section_imgs["sanity"] == 0
+    assert "audit/audit.json has no per-region table" in page.section_text("audit")
     assert "metrics-val.json is not valid JSON" in text and f"xraylens evaluate {run} --split val" in text
     assert "localization_summary.json holds a JSON list, not an object" in text
     assert "cams/grid_layercam.png cannot be read as an image" in text
@@ -424,7 +428,11 @@ def test_crossval_folder_gets_a_study_page(studies, capsys):
     summary = _csv(cv / "crossval.csv")
     tab = _table(page, "crossval", "mode")
     assert [r[:2] for r in tab[1:]] == [[r["mode"], r["model"]] for r in summary]
-    assert {r["mode"] for r in summary} == {"late", "clinical-only"} and {r["model"] for r in summary} == {"tinyvgg", "logreg", "gboost"}
+    assert {r["mode"] for r in summary} == {"late", "clinical-only"} and {r["model"] for r in summary} == {
+        "tinyvgg",
+        "logreg",
+        "gboost",
+    }
     for row, r in zip(tab[1:], summary, strict=True):
         assert row[2] == r["folds"] == "2"
         for cell, key in zip(row[3:], ("accuracy", "f1_macro", "f2", "auc"), strict=True):
@@ -523,6 +531,9 @@ def test_demo_ends_with_its_report(tmp_path, fixture_dir):
     page = _self_contained(report.read_text(encoding="utf-8"))
     assert page.section_imgs["metrics-test"] == 4 and page.section_imgs["cams"] == 5
     assert page.section_imgs["localization"] == 1 and page.section_imgs["training"] == 1
+    # the demo runs the sanity check and the audit: both sections are there, with a verdict each
+    assert page.section_imgs["sanity"] >= 1 and "verdict" in page.section_text("audit")
+    assert "missing" not in page.section_text("sanity") + page.section_text("audit")
 
 
 def test_screenshot_of_the_first_screen(runs, tmp_path, chromium_launch):
