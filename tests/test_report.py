@@ -332,10 +332,14 @@ def test_audit_section_shows_the_verdict_region_energy_and_flips(runs):
         r = a["classes"][row[0]][row[1]]
         assert row[col["flip rate"]] == S.fmt(r["flip_rate"])
         assert row[col["control flip rate"]] == S.fmt(r["control_flip_rate"])
+        # flips are often 0 on a tiny model: the score changes tell the region from its control
+        assert row[col["score change"]] == S.fmt(r["score_change"])
+        assert row[col["control score change"]] == S.fmt(r["control_score_change"])
         assert row[col["area share"]] == S.fmt(r["area"]) and row[col["images"]] == str(r["n"])
         for m in a["methods"]:
             assert row[col[f"energy {m}"]] == S.fmt(r["energy"][m])
     assert {r[1] for r in rows} >= {"border", "corner_tl", "corner_br"}
+    assert any(r["score_change"] != r["control_score_change"] for g in a["classes"].values() for r in g.values())
     assert a["verdict"] in page.section_text("overview")
 
 
