@@ -108,3 +108,41 @@ def test_fixture_end_to_end(fixture_dir, tmp_path):
     xin = to_model_input(x, in_chans=3)
     assert xin.shape == (8, 3, 32, 32) and torch.isfinite(xin).all()
     assert -2.0 - 1e-6 <= xin.min() and xin.max() <= 2.0 + 1e-6
+
+
+# (3, 3) and (4, 5) end on an uneven global batch (5 -> 2,2,1; 10 -> 3,3,2,2)
+@pytest.mark.parametrize("world,bs", [(1, 4), (2, 4), (3, 3), (4, 5)])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("sampling", [{"shuffle": True}, {"balanced": True}])
+def test_shards_over_ranks_concatenate_to_the_unsharded_global_batch(world, bs, drop_last, sampling):
+    # DDP: batch_size is per process, so the global batch is bs * world images of the epoch order
+    c = _cached(n=50)
+    kw = dict(seed=5, epoch=2, drop_last=drop_last, **sampling)
+    whole = list(iterate_batches(c, bs * world, **kw))
+    shards = [list(iterate_batches(c, bs, shard=(r, world), **kw)) for r in range(world)]
+    assert all(len(s) == len(whole) for s in shards)  # every rank takes the same number of steps
+    for step, (x, y, idx) in enumerate(whole):
+        parts = [s[step] for s in shards]
+        sizes = [len(p[2]) for p in parts]
+        # contiguous shares that differ by at most one, the extra images on the lower ranks
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1 and sizes[-1] >= 1
+        assert torch.equal(torch.cat([p[2] for p in parts]), idx)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    if not drop_last:  # the ragged last global batch ran too: 50 images in all, each exactly once
+        assert sorted(torch.cat([b[2] for s in shards for b in s]).tolist()) == sorted(
+            torch.cat([b[2] for b in whole]).tolist()
+        )
+        assert sum(len(b[2]) for s in shards for b in s) == 50
+
+
+def test_shard_mistakes_are_errors():
+    c = _cached(n=50)
+    with pytest.raises(XraylensError, match="shard"):
+        next(iterate_batches(c, 4, shard=(2, 2)))
+    with pytest.raises(XraylensError, match="shard"):
+        next(iterate_batches(c, 4, shard=(0, 0)))
+    # 50 images in global batches of 12: the last global batch has 2 images, rank 2 of 3 gets none
+    with pytest.raises(XraylensError, match="cannot feed 3 processes"):
+        list(iterate_batches(c, 4, shard=(2, 3)))
+    assert len(list(iterate_batches(c, 4, shard=(2, 3), drop_last=True))) == 50 // 12

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from xraylens.data.cache import CachedSplit
+from xraylens.distributed import shard_range
 from xraylens.errors import XraylensError
 
 PLACEMENTS = ("auto", "gpu", "pinned", "mmap")
@@ -107,15 +108,25 @@ def iterate_batches(
     drop_last: bool = False,
     device: torch.device | str | None = None,
     placement: str = "mmap",
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield `(x uint8 [B,C,H,W], y int64 [B], idx int64 [B])`; `idx` indexes `cached.ids` / geometry.
 
     Grey splits ([N,H,W]) give C = 1. With `placement` "gpu" `x` is already on `device`; with
     "pinned" it is in page-locked memory (copy it with `non_blocking=True`); "mmap" gathers it from
     the cache file's map. Every placement yields the same values in the same order.
+
+    `shard=(rank, world_size)` (DDP): `batch_size` is per process, so each global batch is
+    `batch_size * world_size` images of the epoch's order (the same on every rank; `drop_last` drops
+    a ragged last *global* batch) and this rank yields only its contiguous share of it
+    (`distributed.shard_range`: shares differ by at most one, lower ranks take the extra), reading
+    only that share. Concatenating the ranks' shares in rank order gives the global batch back.
     """
     if batch_size < 1:
         raise XraylensError(f"batch_size must be >= 1, got {batch_size}")
+    rank, world = (0, 1) if shard is None else (int(shard[0]), int(shard[1]))
+    if world < 1 or not 0 <= rank < world:
+        raise XraylensError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
     where, staged = stage_images(cached, device, placement)
     labels = torch.from_numpy(np.asarray(cached.labels, dtype=np.int64))
     order_np = epoch_order(cached.labels, shuffle=shuffle, balanced=balanced, seed=seed, epoch=epoch)
@@ -123,17 +134,22 @@ def iterate_batches(
     if where == "gpu":
         order_dev = order.to(device)
     n = len(order)
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
+    step = batch_size * world  # one global batch
+    stop = n - n % step if drop_last else n
+    for start in range(0, stop, step):
+        lo, hi = shard_range(min(step, n - start), rank, world)
+        if lo == hi:
+            raise XraylensError(f"{n} training images cannot feed {world} processes; use fewer (--nproc-per-node)")
+        a, b = start + lo, start + hi  # this rank's share of the global batch, in epoch-order positions
+        idx = order[a:b]
         if where == "gpu":
-            x = staged[order_dev[start : start + batch_size]]  # type: ignore[index]
+            x = staged[order_dev[a:b]]  # type: ignore[index]
         elif where == "pinned":
             out = torch.empty((len(idx), *staged.shape[1:]), dtype=torch.uint8, pin_memory=True)  # type: ignore[union-attr]
             x = torch.index_select(staged, 0, idx, out=out)  # type: ignore[arg-type]
         else:
             # one gather from the map into a fresh (writable) array: only these rows are read
-            x = torch.from_numpy(np.asarray(cached.images[order_np[start : start + batch_size]]))
+            x = torch.from_numpy(np.asarray(cached.images[order_np[a:b]]))
         yield (x.unsqueeze(1) if x.ndim == 3 else x), labels[idx], idx
 
 

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import xraylens.distributed as distributed
 from xraylens.config import RunConfig, flag_name, parse_elastic_params
 from xraylens.data import clinical
 from xraylens.data.augment import GpuAugment
-from xraylens.data.loader import epoch_order, iterate_batches, stage_images
+from xraylens.data.loader import iterate_batches
 from xraylens.data.sources import compile_group_pattern
 from xraylens.data.splits import write_splits_csv
 from xraylens.errors import XraylensError
@@ -107,9 +107,7 @@ def check_config(cfg: RunConfig) -> None:
     resolve_placement(cfg.data.placement, 0, None)  # a bad name fails before the data is decoded
     if cfg.train.compile and device.type != "cuda":
         # inductor on CPU compiles C++ for minutes per model and gains little over eager here
-        raise XraylensError(
-            f"train.compile needs a CUDA device, this run uses {device}; drop --set train.compile=true"
-        )
+        raise XraylensError(f"train.compile needs a CUDA device, this run uses {device}; drop --set train.compile=true")
 
 
 def _init_from(model: nn.Module, source: str) -> None:
@@ -430,20 +428,18 @@ def _train_locked(
             global_bs = cfg.train.batch_size * world
             # drop a ragged last batch (a batch of 1 breaks BatchNorm) unless the split is that small
             drop_last = len(train_c.labels) > global_bs
-            batches = (
-                iterate_batches(
-                    train_c,
-                    cfg.train.batch_size,
-                    shuffle=True,
-                    balanced=cfg.data.balanced,
-                    seed=cfg.train.seed,
-                    epoch=epoch,
-                    drop_last=drop_last,
-                    device=device,
-                    placement=cfg.data.placement,  # GPU-resident or pinned when it fits (auto)
-                )
-                if world == 1
-                else _rank_batches(train_c, cfg, epoch, drop_last, device)
+            batches = iterate_batches(
+                train_c,
+                cfg.train.batch_size,
+                shuffle=True,
+                balanced=cfg.data.balanced,
+                seed=cfg.train.seed,
+                epoch=epoch,
+                drop_last=drop_last,
+                device=device,
+                placement=cfg.data.placement,  # GPU-resident or pinned when it fits (auto)
+                # this rank's contiguous share of each global batch (the same permutation on every rank)
+                shard=None if world == 1 else (distributed.rank(), world),
             )
             n_images = _n_batches(len(train_c.labels), global_bs) * global_bs if drop_last else len(train_c.labels)
             with progress_bar(
@@ -596,33 +592,6 @@ def _ddp(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
         distributed.world_size(),
     )
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _rank_batches(train_c, cfg: RunConfig, epoch: int, drop_last: bool, device: torch.device) -> Iterator[tuple]:
-    """This rank's share of each global batch (batch_size x world_size images of the epoch's order,
-    the same permutation on every rank), as `iterate_batches` yields batches (same placements): only
-    this share is read."""
-    world, rank, bs = distributed.world_size(), distributed.rank(), cfg.train.batch_size
-    where, staged = stage_images(train_c, device, cfg.data.placement)
-    order = epoch_order(train_c.labels, shuffle=True, balanced=cfg.data.balanced, seed=cfg.train.seed, epoch=epoch)
-    n = len(order)
-    stop = n - n % (bs * world) if drop_last else n
-    labels = torch.from_numpy(np.asarray(train_c.labels, dtype=np.int64))
-    for start in range(0, stop, bs * world):
-        glob = order[start : start + bs * world]
-        lo, hi = distributed.shard_range(len(glob), rank, world)
-        mine = glob[lo:hi]
-        if len(mine) == 0:
-            raise XraylensError(f"{n} training images cannot feed {world} processes; use fewer (--nproc-per-node)")
-        idx = torch.from_numpy(mine)
-        if where == "gpu":
-            x = staged[idx.to(device)]  # type: ignore[index]
-        elif where == "pinned":
-            out = torch.empty((len(idx), *staged.shape[1:]), dtype=torch.uint8, pin_memory=True)  # type: ignore[union-attr]
-            x = torch.index_select(staged, 0, idx, out=out)  # type: ignore[arg-type]
-        else:
-            x = torch.from_numpy(np.asarray(train_c.images[mine]))
-        yield (x.unsqueeze(1) if x.ndim == 3 else x), labels[idx], idx
 
 
 def _val_logits(model: nn.Module, val_c, inputs: InputSettings, device: torch.device, batch_size: int) -> np.ndarray:
