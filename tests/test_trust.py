@@ -244,3 +244,20 @@ def test_localize_randomized_baseline_scores_each_method_on_a_randomised_copy(ti
     }
     assert peaks["gradcam"] != peaks["randomized:gradcam"]
     assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_audit_with_real_lung_masks(tiny_run, fixture_dir, tmp_path):
+    """Real chest films with their lung masks (fixture lung_seg): the lungs become a region of their own,
+    compared with the border band; every flag carries a paired interval."""
+    seg = fixture_dir / "lung_seg"
+    s = audit_run(tiny_run, data=seg / "images", masks=seg / "masks", out=tmp_path, device="cpu")
+    lungs = s.report["classes"]["all"]["lungs"]
+    assert lungs["n"] == s.n_images == 8
+    assert 0.1 < lungs["area"] < 0.7  # lungs cover a fair share of a frontal film
+    assert all(0 <= e <= 1 for e in lungs["energy"].values())
+    for row in s.report["classes"]["all"].values():
+        lo, hi = row["flip_gap_ci"]
+        assert lo <= row["flip_rate"] - row["control_flip_rate"] <= hi
+    assert s.report["accuracy"] is None  # a plain folder has no labels
+    assert "lungs" in {r["region"] for r in csv.DictReader((tmp_path / "audit.csv").open())}
+    assert "interval" in s.report["rule"]

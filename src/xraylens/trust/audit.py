@@ -15,7 +15,9 @@ the body), each corner (burned-in letters, markers, text) — and the lungs when
   moves more when they go than when the edge goes.
 
 Verdict, thresholds stated in the output: a region is **flagged** when blanking it flips at least
-`flip_margin` (default 0.10) more of the predictions than blanking its control; its energy is
+`flip_margin` (default 0.10) more of the predictions than blanking its control and the 95 % paired
+bootstrap interval of that difference (`xraylens.metrics`) excludes 0 (a margin met on too few images
+is a WARN: "audit more images"); its energy is
 **high** when its mean share is at least `energy_factor` (default 2) times its area share. SHORTCUT
 when a border or corner region is flagged; WARN when only the energy is high (or the lungs move the
 model less than the border); OK otherwise. Everything runs batched on the run's device.
@@ -39,6 +41,7 @@ from xraylens.explain.methods import resolve_methods
 from xraylens.explain.run import check_cam_settings, check_positive, pick_indices
 from xraylens.io import write_csv, write_json
 from xraylens.localize import metrics as loc
+from xraylens.metrics import bootstrap_means, percentile_interval
 from xraylens.ops import class_probabilities
 from xraylens.runs import RunLike, open_run
 
@@ -50,7 +53,7 @@ DEFAULT_METHODS = ("gradcam", "layercam")
 DEFAULT_ENERGY_FACTOR = 2.0
 CSV_COLUMNS = [
     "class", "region", "area", "n", "flip_rate", "score_change", "control_flip_rate", "control_score_change",
-    "accuracy_blanked",
+    "flip_gap_ci_low", "flip_gap_ci_high", "accuracy_blanked",
 ]  # fmt: skip
 # then per method: energy_<method> (all images) and energy_flipped_<method> (images the blank flips)
 
@@ -245,6 +248,8 @@ def _report(run, arr, names, methods, areas, labelled, flip_margin, energy_facto
                 "score_change": mean("dscore"),
                 "control_flip_rate": mean("cflip"),
                 "control_score_change": mean("cdscore"),
+                # 95 % paired bootstrap interval of flip_rate - control_flip_rate over the same images
+                "flip_gap_ci": _gap_ci(arr[f"{r}:flip"][s], arr[f"{r}:cflip"][s]),
                 "accuracy_blanked": mean("correct") if labelled else None,
                 "energy": {m: (float(np.mean(arr[f"{m}:{r}:energy"][s])) if s.any() else math.nan) for m in methods},
                 # the same, over the images whose prediction the blank flips: does the map show what mattered?
@@ -267,11 +272,19 @@ def _report(run, arr, names, methods, areas, labelled, flip_margin, energy_facto
                     f"border band ({row['control_flip_rate']:.1%}): the model leans on the edge more than the lungs"
                 )
             continue
-        if gap >= flip_margin:
+        ci = row["flip_gap_ci"]
+        if gap >= flip_margin and ci is not None and ci[0] > 0:
             flagged.append(r)
             evidence.append(
                 f"{r}: blanking it flips {row['flip_rate']:.1%} of predictions (score change "
-                f"{row['score_change']:+.3f}) vs {row['control_flip_rate']:.1%} for a same-area central control"
+                f"{row['score_change']:+.3f}) vs {row['control_flip_rate']:.1%} for a same-area central control "
+                f"(difference {gap:+.1%}, 95 % CI [{ci[0]:+.1%}, {ci[1]:+.1%}])"
+            )
+        elif gap >= flip_margin:
+            warn = True
+            evidence.append(
+                f"{r}: blanking it flips {gap:+.1%} more predictions than its control, but on {row['n']} images "
+                "the interval of the difference includes 0: audit more images"
             )
         high = high_energy(row["area"], energy_factor)
         for m, e in row["energy"].items():
@@ -290,7 +303,8 @@ def _report(run, arr, names, methods, areas, labelled, flip_margin, energy_facto
         evidence.append("no region moves the predictions more than its control, and no CAM energy piles up there")
     rule = (
         f"a region is flagged when blanking it flips >= {flip_margin:.2f} more of the predictions than blanking "
-        f"its control; energy is high when its share >= {energy_factor:g} x the region's area share (at most "
+        "its control and the 95 % paired bootstrap interval of that difference excludes 0; energy is high "
+        f"when its share >= {energy_factor:g} x the region's area share (at most "
         "halfway from the area share to 1, for large regions); "
         "SHORTCUT = a border/corner region flagged, WARN = only energy high or lungs move less than the border"
     )
@@ -308,11 +322,20 @@ def _report(run, arr, names, methods, areas, labelled, flip_margin, energy_facto
     }
 
 
+def _gap_ci(flip: np.ndarray, control: np.ndarray) -> list[float] | None:
+    """Paired bootstrap (xraylens.metrics, seeded) of mean(flip) - mean(control) over the same images."""
+    if len(flip) == 0:
+        return None
+    return percentile_interval(bootstrap_means(flip.astype(np.float64) - control.astype(np.float64), seed=0))
+
+
 def _csv_rows(report: dict[str, Any], methods: list[str]):
     for g, regions in report["classes"].items():
         for r, row in regions.items():
             energy = [_fmt(row["energy"][m]) for m in methods] + [_fmt(row["energy_flipped"][m]) for m in methods]
-            yield [g, r] + [_fmt(row[c]) for c in CSV_COLUMNS[2:]] + energy
+            ci = row["flip_gap_ci"] or [None, None]
+            cells = {**row, "flip_gap_ci_low": ci[0], "flip_gap_ci_high": ci[1]}
+            yield [g, r] + [_fmt(cells[c]) for c in CSV_COLUMNS[2:]] + energy
 
 
 def _fmt(v: Any) -> Any:
