@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -97,3 +98,11 @@ def test_lock_dir_unwritable_parent(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(XraylensError, match="choose a writable --out"), lock_dir(tmp_path / "file" / "run", "x"):
         pass
+
+
+def test_finite_json_turns_nan_and_inf_into_null(tmp_path):
+    from xraylens.io import finite_json, write_json
+
+    path = tmp_path / "x.json"
+    write_json(path, finite_json({"a": float("nan"), "b": [1.5, float("inf"), (float("-inf"), 2)], "c": "s"}))
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None, [None, 2]], "c": "s"}

@@ -40,7 +40,7 @@ from xraylens.explain.run import (
     parse_target,
     safe_name,
 )
-from xraylens.io import write_csv, write_json
+from xraylens.io import finite_json, write_csv, write_json
 from xraylens.localize import metrics as loc
 from xraylens.localize.faithfulness import deletion_insertion
 from xraylens.metrics import BOOTSTRAP_REPS, bootstrap_means, percentile_interval
@@ -417,7 +417,7 @@ def localize_run(
         "bootstrap": {"method": "percentile, over images", "level": 0.95, "replicates": bootstrap, "seed": seed},
     }
     summary_path = out / "localization_summary.json"
-    write_json(summary_path, _finite(summary))
+    write_json(summary_path, finite_json(summary))
     summary_ = LocalizeSummary(
         out,
         int(len(indices)),
@@ -721,16 +721,6 @@ def check_metric_args(*, tolerance: float, smooth: float, percentile: float) -> 
             raise XraylensError(f"--{name} must be 0 or more (original pixels), got {v}")
     if not 0 <= percentile < 100:
         raise XraylensError(f"--percentile must be in [0, 100), got {percentile}")
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def localize_image(

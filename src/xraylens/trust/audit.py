@@ -39,7 +39,7 @@ from xraylens.errors import XraylensError
 from xraylens.explain.engine import CamEngine
 from xraylens.explain.methods import resolve_methods
 from xraylens.explain.run import check_cam_settings, check_positive, pick_indices
-from xraylens.io import write_csv, write_json
+from xraylens.io import finite_json, write_csv, write_json
 from xraylens.localize import metrics as loc
 from xraylens.metrics import bootstrap_means, percentile_interval
 from xraylens.ops import class_probabilities
@@ -220,7 +220,7 @@ def audit_run(
     csv_path, json_path = out / "audit.csv", out / "audit.json"
     energy_cols = [f"energy_{m}" for m in method_list] + [f"energy_flipped_{m}" for m in method_list]
     write_csv(csv_path, CSV_COLUMNS + energy_cols, _csv_rows(report, method_list))
-    write_json(json_path, _finite(report))
+    write_json(json_path, finite_json(report))
     return AuditSummary(out, len(indices), report["verdict"], report["evidence"], report, csv_path, json_path)
 
 
@@ -344,16 +344,6 @@ def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return "" if not math.isfinite(v) else round(v, 6)
     return v
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def format_table(report: dict[str, Any]) -> str:
