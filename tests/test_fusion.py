@@ -220,3 +220,32 @@ def test_fusion_learns_a_label_only_the_clinical_table_carries(clinical_only_tas
         _, s = run.load_split(None, split)
         acc = float((run.predict_logits(s).argmax(1) == s.labels).mean())
         assert acc >= 0.9, f"{mode} fusion: {split} accuracy {acc:.3f} on a label the clinical table determines"
+
+
+@pytest.mark.parametrize("mode", ["early", "late"])
+def test_sanity_and_audit_explain_a_fused_run_with_its_clinical_rows(runs, mode, tmp_path):
+    """The trust checks go through the same engine with each image's own clinical rows bound: the trained
+    maps equal explain's, and the randomised copies (deep copies of the wrapper) bind them too."""
+    from xraylens.explain.run import explain_run
+    from xraylens.runs import open_run
+    from xraylens.trust.audit import audit_run
+    from xraylens.trust.maps import cam_maps
+    from xraylens.trust.sanity import sanity_run
+
+    run = open_run(runs[mode], device="cpu")
+    _, val = run.load_split(None, "val")
+    ms = cam_maps(run, run.model, val.images, ["gradcam"], clinical=val.clinical)
+    s = explain_run(run, split="val", methods="gradcam", out=tmp_path / "cams", overlays=0, grid=0)
+    assert np.allclose(ms.maps["gradcam"], np.load(s.maps_path)["gradcam"].astype(np.float32), atol=2e-3)
+    with pytest.raises(XraylensError, match="clinical"):
+        cam_maps(run, run.model, val.images, ["gradcam"])  # nothing bound: an error, never a zero vector
+
+    sanity = sanity_run(run, split="val", methods="gradcam", out=tmp_path / "sanity", plots=False, independent=False)
+    rows = json.loads(sanity.json_path.read_text())["rows"]
+    step0 = [r for r in rows if r["test"] == "cascading" and r["step"] == 0]
+    assert step0 and step0[0]["spearman_mean"] == pytest.approx(1.0)
+    assert len([r for r in rows if r["test"] == "cascading"]) > 2  # every randomised step was explained
+
+    audit = audit_run(run, split="val", out=tmp_path / "audit")
+    assert audit.n_images == len(val.labels) and audit.verdict in ("OK", "WARN", "SHORTCUT")
+    assert audit.json_path.is_file()

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from xraylens.data import annotations as ann
+from xraylens.data.cache import resolve_size
 from xraylens.errors import XraylensError
 from xraylens.explain.engine import CamEngine
 from xraylens.explain.methods import resolve_methods
@@ -42,6 +43,7 @@ from xraylens.explain.run import check_cam_settings, check_positive, pick_indice
 from xraylens.io import finite_json, write_csv, write_json
 from xraylens.localize import metrics as loc
 from xraylens.metrics import bootstrap_means, percentile_interval
+from xraylens.models.fusion import bind_clinical
 from xraylens.ops import class_probabilities
 from xraylens.runs import RunLike, open_run
 
@@ -151,7 +153,7 @@ def audit_run(
     if lungs is not None and not any(keys[i] is not None for i in indices):
         raise XraylensError(f"none of the images (e.g. {cached.ids[0]!r}) has a mask in {masks}; check --masks")
 
-    h = w = run.config.data.image_size
+    h, w = resolve_size(run.config.data.image_size)  # non-square inputs too
     dev = run.device
     regions = {"border": loc.border_region(h, w, border, dev)} | {c: _corner(h, w, corner, c, dev) for c in CORNERS}
     rng = np.random.default_rng(seed)
@@ -168,43 +170,46 @@ def audit_run(
         for lo in range(0, len(indices), batch_size):
             idx = indices[lo : lo + batch_size]
             x = run.inputs.to_model(torch.from_numpy(cached.images[idx])[:, None], dev)
-            b = x.shape[0]
-            res = engine(x, method_list, targets="pred", combine=combine)
-            p0 = class_probabilities(res.logits).float()
-            pred = p0.argmax(1)
-            labels = torch.from_numpy(cached.labels[idx]).to(dev) if labelled else pred
-            batch_regions = dict(regions)
-            has = torch.zeros(b, dtype=torch.bool, device=dev)
-            if lungs is not None:
-                geoms = [cached.geometry[i] for i in idx]
-                shapes = ann.shapes_on_images([keys[i] for i in idx], lungs, geoms, None, None)
-                lm = torch.from_numpy(ann.rasterize_batch(shapes, geoms)).to(dev)[:, 0].bool()
-                has = lm.flatten(1).any(1)
-                batch_regions["lungs"] = lm
-                rec["lung_area"].append(lm.flatten(1).float().mean(1).cpu().numpy())
-            for r, region in batch_regions.items():
-                p1 = _predict(run.model, _fill_median(x, region))
-                if r == "lungs":  # compared with the border band, see the module docstring
-                    ctrl = regions["border"]
-                else:
-                    ctrl = _control(h, w, int(region.sum()), border, rng, dev)
-                p2 = _predict(run.model, _fill_median(x, ctrl))
-                # the change of the originally predicted class's probability
-                s0, s1, s2 = (p.gather(1, pred[:, None])[:, 0] for p in (p0, p1, p2))
-                rec[f"{r}:flip"].append((p1.argmax(1) != pred).cpu().numpy())
-                rec[f"{r}:dscore"].append((s1 - s0).cpu().numpy())
-                rec[f"{r}:cflip"].append((p2.argmax(1) != pred).cpu().numpy())
-                rec[f"{r}:cdscore"].append((s2 - s0).cpu().numpy())
-                rec[f"{r}:correct"].append((p1.argmax(1) == labels).cpu().numpy())
-                for m in method_list:
-                    if r == "lungs":
-                        e = loc.mask_energy_ratio(res.maps[m], lm[:, None]).energy_fraction
+            # a fused run's clinical rows stay bound for the batch: its maps and blanked predictions alike
+            z = None if cached.clinical is None else torch.from_numpy(cached.clinical[idx]).to(dev)
+            with bind_clinical(run.model, z):
+                b = x.shape[0]
+                res = engine(x, method_list, targets="pred", combine=combine)
+                p0 = class_probabilities(res.logits).float()
+                pred = p0.argmax(1)
+                labels = torch.from_numpy(cached.labels[idx]).to(dev) if labelled else pred
+                batch_regions = dict(regions)
+                has = torch.zeros(b, dtype=torch.bool, device=dev)
+                if lungs is not None:
+                    geoms = [cached.geometry[i] for i in idx]
+                    shapes = ann.shapes_on_images([keys[i] for i in idx], lungs, geoms, None, None)
+                    lm = torch.from_numpy(ann.rasterize_batch(shapes, geoms)).to(dev)[:, 0].bool()
+                    has = lm.flatten(1).any(1)
+                    batch_regions["lungs"] = lm
+                    rec["lung_area"].append(lm.flatten(1).float().mean(1).cpu().numpy())
+                for r, region in batch_regions.items():
+                    p1 = _predict(run.model, _fill_median(x, region))
+                    if r == "lungs":  # compared with the border band, see the module docstring
+                        ctrl = regions["border"]
                     else:
-                        e = loc.region_energy(res.maps[m], region)
-                    rec[f"{m}:{r}:energy"].append(e.cpu().numpy())
-            rec["label"].append(labels.cpu().numpy())
-            rec["pred"].append(pred.cpu().numpy())
-            rec["has_lungs"].append(has.cpu().numpy())
+                        ctrl = _control(h, w, int(region.sum()), border, rng, dev)
+                    p2 = _predict(run.model, _fill_median(x, ctrl))
+                    # the change of the originally predicted class's probability
+                    s0, s1, s2 = (p.gather(1, pred[:, None])[:, 0] for p in (p0, p1, p2))
+                    rec[f"{r}:flip"].append((p1.argmax(1) != pred).cpu().numpy())
+                    rec[f"{r}:dscore"].append((s1 - s0).cpu().numpy())
+                    rec[f"{r}:cflip"].append((p2.argmax(1) != pred).cpu().numpy())
+                    rec[f"{r}:cdscore"].append((s2 - s0).cpu().numpy())
+                    rec[f"{r}:correct"].append((p1.argmax(1) == labels).cpu().numpy())
+                    for m in method_list:
+                        if r == "lungs":
+                            e = loc.mask_energy_ratio(res.maps[m], lm[:, None]).energy_fraction
+                        else:
+                            e = loc.region_energy(res.maps[m], region)
+                        rec[f"{m}:{r}:energy"].append(e.cpu().numpy())
+                rec["label"].append(labels.cpu().numpy())
+                rec["pred"].append(pred.cpu().numpy())
+                rec["has_lungs"].append(has.cpu().numpy())
     arr = {k: np.concatenate(v) if v else np.zeros(0) for k, v in rec.items()}
     areas = {r: float(t.float().mean()) for r, t in regions.items()}
     if lungs is not None:

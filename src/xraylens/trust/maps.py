@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from xraylens.explain.engine import CamEngine
+from xraylens.models.fusion import bind_clinical
 from xraylens.runs import Run
 
 
@@ -27,7 +28,8 @@ class MapSet:
 
 def model_inputs(run: Run, images: np.ndarray, lo: int, hi: int) -> torch.Tensor:
     """Cached uint8 images [N, H, W] -> the run's normalised model input [hi-lo, C, H, W] on its device."""
-    return run.inputs.to_model(torch.from_numpy(images[lo:hi])[:, None], run.device)
+    # a copy: `images` may be the read-only memory-mapped cache
+    return run.inputs.to_model(torch.from_numpy(np.array(images[lo:hi]))[:, None], run.device)
 
 
 def cam_maps(
@@ -40,11 +42,13 @@ def cam_maps(
     layers: Sequence[str] | None = None,
     combine: str | None = None,
     batch_size: int = 16,
+    clinical: np.ndarray | None = None,
 ) -> MapSet:
     """Maps of `model` for `images` (uint8 [N, H, W] from the run's cache), batched on the run's device.
 
     `targets`: "pred" (this model's own arg-max) or a class per image [N] (e.g. the trained model's
-    predictions, so a randomised model explains the same class)."""
+    predictions, so a randomised model explains the same class). `clinical`: a fused run's feature
+    rows [N, F] for `images`, bound per batch so the maps are the image branch's."""
     maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     const: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     preds, tgts = [], []
@@ -54,7 +58,9 @@ def cam_maps(
             hi = min(len(images), lo + batch_size)
             x = model_inputs(run, images, lo, hi)
             t = targets if isinstance(targets, str) else torch.as_tensor(targets[lo:hi], device=x.device)
-            res = engine(x, list(methods), targets=t, combine=combine)
+            z = None if clinical is None else torch.from_numpy(clinical[lo:hi]).to(x.device)
+            with bind_clinical(model, z):
+                res = engine(x, list(methods), targets=t, combine=combine)
             for m in methods:
                 maps[m].append(res.numpy(m))
                 const[m].append(res.constant[m].cpu().numpy())

@@ -116,14 +116,19 @@ def sanity_run(
     run = open_run(run, which=which, device=device)
     check_cam_settings(run, layers, combine, "logit", "pred", data)
     _, cached = run.load_split(data, split)
-    images = cached.images[pick_indices(len(cached.images), limit)]
+    picked = pick_indices(len(cached.images), limit)
+    images = cached.images[picked]
+    clinical = None if cached.clinical is None else cached.clinical[picked]
     if len(images) < 2:
         raise XraylensError(f"the {split!r} split has {len(images)} image(s); the sanity check needs at least 2")
     out = Path(out) if out else run.run_dir / "sanity"
     units = randomize.layer_units(run.model)
 
     def maps_of(model, targets) -> MapSet:
-        return cam_maps(run, model, images, method_list, targets, layers=layers, combine=combine, batch_size=batch_size)
+        return cam_maps(
+            run, model, images, method_list, targets, layers=layers, combine=combine, batch_size=batch_size,
+            clinical=clinical,
+        )  # fmt: skip
 
     trained = maps_of(run.model, "pred")
     tgt = trained.targets  # every model below explains the trained model's predicted class
