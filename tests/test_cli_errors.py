@@ -227,6 +227,8 @@ BAD = [
     (["segment", "predict", "MISSING", "--data", "IMAGES", "--out", "MISSING"], "not a segmentation run"),
     (SEGPREDICT + ["--threshold", "1"], "--threshold"),
     (SEGPREDICT + ["--batch-size", "0"], "--batch-size"),
+    (SEGPREDICT + ["--run", "FILE"], "not a classifier run"),
+    (SEGPREDICT + ["--run", "RUN", "--split", "nope"], "no images in split 'nope'"),
     (["localize", "RUN", "--annotations", "BOXES", "--format", "nope"], "nope"),
     (["localize", "RUN", "--annotations", "MISSING", "--format", "nih"], "not found"),
     (LOCALIZE + ["--threshold", "nope"], "--threshold"),

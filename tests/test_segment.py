@@ -182,3 +182,29 @@ def test_localize_with_lung_masks_reports_border_and_corner_energy(tiny_run, fix
     assert means["baseline:center"]["energy"] > means["baseline:random"]["energy"]
     with pytest.raises(XraylensError, match="--border"):
         localize_run(tiny_run, annotations=masks, fmt="masks", border=0.6, device="cpu", out=tmp_path / "x")
+
+
+def test_predict_only_the_split_a_run_audits(segrun, tiny_run, fixture_dir, tmp_path, capsys):
+    """`segment predict --run RUN --split val` masks exactly the images of that split, and `audit
+    --masks` then finds a lung mask for every one of them (names and sizes line up)."""
+    from xraylens.segment import split_images
+    from xraylens.trust.audit import audit_run
+
+    with open(tiny_run / "splits.csv", newline="") as fh:
+        val = sorted(Path(r["image"]).stem for r in csv.DictReader(fh) if r["split"] == "val")
+    assert 0 < len(val) < 20
+    out = tmp_path / "masks"
+    argv = ["segment", "predict", str(segrun), "--data", str(fixture_dir / "pneumonia"), "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--run", str(tiny_run), "--split", "val", "--device", "cpu", "--quiet"])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert f"{len(val)} masks written" in capsys.readouterr().out
+    assert sorted(p.stem for p in out.glob("*.png")) == val
+    s = audit_run(tiny_run, split="val", masks=out, methods="gradcam", device="cpu", out=tmp_path / "audit")
+    lungs = s.report["classes"]["all"]["lungs"]
+    assert lungs["n"] == len(val) and 0 < lungs["area"] < 1
+    # a folder that holds none of the split's images, and a split the run does not have
+    with pytest.raises(XraylensError, match="none of the"):
+        predict_masks(segrun, fixture_dir / "lung_seg" / "images", tmp_path / "m2", only=split_images(tiny_run, "val"))
+    with pytest.raises(XraylensError, match="no images in split 'nope'"):
+        split_images(tiny_run, "nope")

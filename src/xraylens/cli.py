@@ -960,11 +960,21 @@ def segment_predict(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass (default 8).")] = 8,
     device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar (default: shown).")] = False,
+    run: Annotated[
+        Path | None,
+        typer.Option("--run", help="Classifier run: mask only the images of its --split (default: every image)."),
+    ] = None,
+    split: Annotated[
+        str, typer.Option("--split", help="With --run: the split of its splits.csv to mask (default val).")
+    ] = "val",
 ) -> None:
     """Write a lung mask for every image of a folder; masks already newer than image and model are kept."""
-    from xraylens.segment.predict import predict_masks
+    from xraylens.segment.predict import predict_masks, split_images
 
-    s = predict_masks(segrun, data, out, threshold=threshold, batch_size=batch_size, device=device, progress=not quiet)
+    only = split_images(run, split) if run is not None else None
+    s = predict_masks(
+        segrun, data, out, threshold=threshold, batch_size=batch_size, device=device, progress=not quiet, only=only
+    )
     typer.echo(f"{s.written} masks written, {s.kept} up to date, {len(s.failed)} unreadable -> {s.out}")
     for image, why in s.failed:
         typer.echo(f"unreadable: {image}: {why}")

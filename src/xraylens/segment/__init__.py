@@ -9,7 +9,7 @@ initialisation, because nothing downloads here.
 """
 
 from xraylens.segment.metrics import dice_iou
-from xraylens.segment.predict import PredictSummary, mask_to_original, predict_masks
+from xraylens.segment.predict import PredictSummary, mask_to_original, predict_masks, split_images
 from xraylens.segment.train import SegmentConfig, SegmentSummary, train_segmentation
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "dice_iou",
     "mask_to_original",
     "predict_masks",
+    "split_images",
     "train_segmentation",
 ]

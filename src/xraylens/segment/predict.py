@@ -6,11 +6,14 @@ the input grid and the probability sampled there (bilinear), pixels outside the 
 Masks are `<image stem>.png` (0/255) in one folder, so `read_mask_folder` + `match_keys` pair them
 with the images (`xraylens localize --format masks`). Resumable: a mask newer than its image and the
 checkpoint is kept. `masks_index.csv` lists image, mask, status, size and lung fraction.
+`only=` (the CLI's `--run RUN --split NAME`, via `split_images`) restricts the folder to the images of
+one split of a classifier run, so an audit of its val split needs masks for those images only.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from xraylens.config import RunConfig
 from xraylens.data.cache import prepare_image
 from xraylens.data.loader import to_model_input
 from xraylens.data.records import Geometry
@@ -83,8 +87,10 @@ def predict_masks(
     batch_size: int = 8,
     device: str = "auto",
     progress: bool = True,
+    only: Collection[str | Path] | None = None,
 ) -> PredictSummary:
-    """Write `<stem>.png` lung masks (0/255, original size) for every image under `data` into `out`."""
+    """Write `<stem>.png` lung masks (0/255, original size) for every image under `data` into `out`;
+    with `only` (image paths), for those of them that are under `data`."""
     if not 0 < threshold < 1:
         raise XraylensError(f"--threshold must be in (0, 1), got {threshold}")
     if batch_size < 1:
@@ -95,6 +101,12 @@ def predict_masks(
     # masks written inside --data must not come back as images on the next (resuming) call
     masks_dir = out.resolve()
     records = [r for r in load_image_folder(data).records if not Path(r.path).resolve().is_relative_to(masks_dir)]
+    if only is not None:
+        # compared as resolved paths: the run may name its data folder relatively or by another route
+        wanted = {Path(p).resolve() for p in only}
+        records = [r for r in records if Path(r.path).resolve() in wanted]
+        if not records:
+            raise XraylensError(f"none of the {len(wanted)} selected images is under {data}; check --data and --split")
     if not records:
         raise XraylensError(f"no images under {data} outside {out}; pass a folder of images as --data")
     names: dict[str, str] = {}
@@ -149,6 +161,24 @@ def predict_masks(
         rows.sort(key=lambda row: order[row[0]])
         write_csv(index, ["image", "mask", "status", "width", "height", "lung_fraction"], rows)
     return PredictSummary(out, written, kept, failed, index)
+
+
+def split_images(run: str | Path, split: str) -> list[Path]:
+    """The image paths of one split of a classifier run (its splits.csv, relative to its data folder)."""
+    run = Path(run)
+    splits = run / "splits.csv"
+    if not splits.is_file():
+        raise XraylensError(f"{run} is not a classifier run (no splits.csv); pass the run whose split to mask")
+    if not (run / "config.yaml").is_file():
+        raise XraylensError(f"{run} is not a classifier run (no config.yaml)")
+    root = Path(RunConfig.load(run / "config.yaml").data.path)
+    with open(splits, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    paths = [root / r["image"] for r in rows if r.get("split") == split]
+    if not paths:
+        names = sorted({r.get("split", "") for r in rows})
+        raise XraylensError(f"{run} has no images in split {split!r} (it has: {', '.join(names)})")
+    return paths
 
 
 def _kept_row(image_id: str, target: Path) -> list:
