@@ -261,3 +261,34 @@ def test_audit_with_real_lung_masks(tiny_run, fixture_dir, tmp_path):
     assert s.report["accuracy"] is None  # a plain folder has no labels
     assert "lungs" in {r["region"] for r in csv.DictReader((tmp_path / "audit.csv").open())}
     assert "interval" in s.report["rule"]
+
+
+def test_audit_warns_about_a_region_that_flips_one_class_only():
+    """Hand-built per-image records (known truth): 30 of 200 images are class 1 and blanking the top-left
+    corner flips 15 of them, no control flips. Over all images the gap (7.5 %) is under the 10-point
+    margin, so no SHORTCUT; the class-1 gap (50 %, interval clear of 0) must still come out as a WARN."""
+    from types import SimpleNamespace
+
+    from xraylens.trust.audit import _report
+
+    n, names, methods = 200, ["border", "corner_tl"], ["gradcam"]
+    label = np.r_[np.zeros(170, int), np.ones(30, int)]
+
+    def records(flips_in_class1: int) -> dict[str, np.ndarray]:
+        arr = {"label": label, "pred": label.copy(), "has_lungs": np.zeros(n, bool)}
+        for r in names:
+            flip = np.zeros(n, bool)
+            if r == "corner_tl":
+                flip[170 : 170 + flips_in_class1] = True
+            arr |= {f"{r}:flip": flip, f"{r}:cflip": np.zeros(n, bool), f"{r}:correct": ~flip}
+            arr |= {f"{r}:dscore": -0.5 * flip, f"{r}:cdscore": np.zeros(n)}
+            arr[f"gradcam:{r}:energy"] = np.full(n, 0.35 if r == "border" else 0.02)
+        return arr
+
+    run = SimpleNamespace(classes=["0", "1"])
+    areas = {"border": 0.34, "corner_tl": 0.024}
+    rep = _report(run, records(15), names, methods, areas, True, 0.10, 2.0)
+    assert rep["flagged_regions"] == [] and rep["verdict"] == "WARN", rep["evidence"]
+    assert any(e.startswith("corner_tl, class 1 only (30 images)") for e in rep["evidence"]), rep["evidence"]
+    clean = _report(run, records(0), names, methods, areas, True, 0.10, 2.0)
+    assert clean["verdict"] == "OK", clean["evidence"]

@@ -303,6 +303,19 @@ def _report(run, arr, names, methods, areas, labelled, flip_margin, energy_facto
                 evidence.append(
                     f"{r}: {m} puts less energy there ({e:.1%}) than a uniform map would: the map hides this shortcut"
                 )
+    # a shortcut confined to one class (a marker on one grade's films only) is diluted in "all": a WARN
+    for g, regions in table.items():
+        for r, row in regions.items():
+            if g == "all" or r == "lungs" or r in flagged:
+                continue
+            gap, ci = row["flip_rate"] - row["control_flip_rate"], row["flip_gap_ci"]
+            if gap >= flip_margin and ci is not None and ci[0] > 0:
+                warn = True
+                evidence.append(
+                    f"{r}, class {g} only ({row['n']} images): blanking it flips {row['flip_rate']:.1%} of their "
+                    f"predictions vs {row['control_flip_rate']:.1%} for the control (difference {gap:+.1%}, "
+                    f"95 % CI [{ci[0]:+.1%}, {ci[1]:+.1%}]): look at that class's images there"
+                )
     verdict = "SHORTCUT" if flagged else ("WARN" if warn else "OK")
     if not evidence:
         evidence.append("no region moves the predictions more than its control, and no CAM energy piles up there")
@@ -311,7 +324,8 @@ def _report(run, arr, names, methods, areas, labelled, flip_margin, energy_facto
         "its control and the 95 % paired bootstrap interval of that difference excludes 0; energy is high "
         f"when its share >= {energy_factor:g} x the region's area share (at most "
         "halfway from the area share to 1, for large regions); "
-        "SHORTCUT = a border/corner region flagged, WARN = only energy high or lungs move less than the border"
+        "SHORTCUT = a border/corner region flagged, WARN = only energy high, lungs move less than the border, "
+        "or a region flagged within one class only"
     )
     return {
         "verdict": verdict,
