@@ -158,6 +158,7 @@ BAD = [
     (TRAIN + ["--fusion", "late"], "--fusion late"),
     (TRAIN + ["--clinical-cols", "Age"], "without a table"),
     (TRAIN + ["--fusion", "late", "--clinical-from-name", "_age(?P<age>\\d+)", "--clinical-mlp", "0"], "mlp"),
+    (TRAIN + ["--fusion", "late", "--clinical-from-name", "_age(?P<age>\\d+)", "--batch-size", "1"], "--batch-size 2"),
     (TRAIN + ["--clinical", "CLIN", "--clinical-key", "patient_id", "--allow-leaky-column", "BMI"], "--clinical-cols"),
     (TRAIN + ["--clinical-from-name", "_age(?P<age>\\d+)", "--allow-leaky-column", "BMI"], "--allow-leaky-column"),
     (TRAIN + ["--set", "clinical.leak_threshold=0"], "leak_threshold"),

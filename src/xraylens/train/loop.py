@@ -90,6 +90,9 @@ def check_config(cfg: RunConfig) -> None:
         raise XraylensError(f"data path {cfg.data.path} does not exist; pass a folder, a .csv manifest or an .npz file")
     compile_group_pattern(cfg.data.group_pattern)
     clinical.check_settings(cfg.clinical)  # table, key, columns and pattern before any decoding
+    if str(cfg.clinical.mode).lower() == "late" and cfg.train.batch_size < 2:
+        # late fusion batch-normalises the clinical embedding over the batch (models/fusion.py)
+        raise XraylensError("--fusion late needs --batch-size 2 or more (per process): it normalises over the batch")
     model_key(cfg.model.name)
     GpuAugment.from_names(cfg.data.augment)
     weights = cfg.model.weights
