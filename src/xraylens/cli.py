@@ -615,15 +615,16 @@ def localize(
         f"{s.n_images} annotated-file images, {s.n_annotated} with shapes; pointing game (tolerance "
         f"{s.tolerance:g} original px), hit rate and mIoU ({threshold}), 95 % bootstrap intervals:"
     )
-    typer.echo(f"  {'method':<20} {'pointing game':<24} {'hit rate':<24} mIoU")
+    w = max([20, *map(len, s.figures)])  # randomized:<method> rows are long
+    typer.echo(f"  {'method':<{w}} {'pointing game':<24} {'hit rate':<24} mIoU")
     for m, f in s.figures.items():
         cells = [format_ci((f.get(k) or {}).get("value"), (f.get(k) or {}).get("ci")) for k in f]
-        typer.echo(f"  {m:<20} " + " ".join(f"{c:<24}" for c in cells[:-1]) + f" {cells[-1]}")
+        typer.echo(f"  {m:<{w}} " + " ".join(f"{c:<24}" for c in cells[:-1]) + f" {cells[-1]}")
     if s.percentage_decrease:
         typer.echo("  percentage decrease from reader2 (all images):")
         for m, f in s.percentage_decrease.items():
             cells = [format_ci((f[k].get("all") or {}).get("value"), (f[k].get("all") or {}).get("ci"), 1) for k in f]
-            typer.echo(f"  {m:<20} " + " ".join(f"{c:<24}" for c in cells[:-1]) + f" {cells[-1]}")
+            typer.echo(f"  {m:<{w}} " + " ".join(f"{c:<24}" for c in cells[:-1]) + f" {cells[-1]}")
     if s.skipped_rows:
         typer.echo(f"  {len(s.skipped_rows)} malformed annotation row(s) skipped (listed in the summary)")
     typer.echo(f"wrote {s.csv_path}, {s.summary_path} and localization_summary.csv")
