@@ -214,3 +214,16 @@ def test_manifest_with_a_patient_column_keeps_each_patient_in_one_fold(fixture_d
     for k in (1, 2):
         split = {row["id"]: row["split"] for row in _read(tmp_path / "cv" / "folds" / f"fold-{k}.csv")}
         assert len({split[a["id"]] for a in assign if a["group"] == "P-twice"}) == 1
+
+
+def test_a_leaky_column_stops_the_crossval_before_anything_is_written(fixture_dir, tmp_path):
+    """The leakage guard runs on every fold's training images up front: no half-written OUT folder."""
+    from xraylens.crossval.run import crossval
+
+    cfg = _config(fixture_dir)
+    cfg.clinical.cols = ["Age", "T-score Value"]
+    cfg.clinical.allow_leaky = ["Age"]
+    out = tmp_path / "cv"
+    with pytest.raises(XraylensError, match="T-score Value"):
+        crossval(cfg, out, folds=2, modes="late")
+    assert not out.exists()

@@ -201,6 +201,8 @@ def crossval(
     split_maps = make_folds(source, folds, seed, cfg.data.val_fraction)
     classes = list(source.classes)
     positive = _positive(classes, cfg.data.merge_classes)
+    if needs_table:
+        _check_leakage(cfg, source, split_maps, seed)  # a leaky column stops us before OUT is written
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, _settings(cfg, folds, seed))
     _write_folds(out, source, split_maps)
@@ -285,6 +287,17 @@ def _image_fold(
     train(None if resume else run_cfg, run_dir, resume=resume, progress=progress)
     metrics = evaluate_run(run_dir, None, "test", device=cfg.train.device, positive=positive)
     return metrics, "resumed" if resume else "trained"
+
+
+def _check_leakage(cfg: RunConfig, source: SourceSet, split_maps: list[dict[str, str]], seed: int) -> None:
+    """The leakage guard on every fold's training images, as each fold run will apply it (cheap: one
+    shallow tree per column), so a refused column fails the crossval before anything is written."""
+    from xraylens.data.clinical import fit_clinical, split_items
+
+    for split in split_maps:
+        train = [r for r in source.records if split.get(r.id) == "train"]
+        labels = np.array([r.label for r in train], dtype=np.int64)
+        fit_clinical(cfg.clinical, split_items(source.root, [r.id for r in train]), labels, seed=seed)
 
 
 def _clinical_fold(
