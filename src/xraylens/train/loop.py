@@ -578,6 +578,15 @@ def _stretch_cosine(sched, opt: torch.optim.Optimizer, epochs: int, done: int) -
     sched._last_lr = lrs  # what get_last_lr() reports; step() continues from the groups' lr
 
 
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm of `model` as SyncBatchNorm, in place (same parameters and buffers, so the same
+    state-dict keys). timm's converter: torch's turns timm's BatchNormAct2d (BatchNorm + activation,
+    EfficientNet) into a plain SyncBatchNorm and drops the activation."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
 def _ddp(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     """Under torchrun: the model in DistributedDataParallel (gradients averaged over ranks), with
     SyncBatchNorm on CUDA so BatchNorm sees the global batch as a single process would (gloo on the CPU
@@ -585,7 +594,7 @@ def _ddp(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     if not distributed.is_distributed():
         return model
     if device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters: the optimiser keeps them
+        model = sync_batchnorm(model)  # same parameters: the optimiser keeps them
     # DDP copies rank 0's weights to every rank; dropout masks then differ between ranks
     torch.manual_seed(seed + 1_000_003 * distributed.rank())
     log.info(
