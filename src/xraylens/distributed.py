@@ -150,7 +150,11 @@ def quiet_unless_main() -> None:
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            # NCCL otherwise guesses the GPU as rank % GPUs, not this rank's cuda:LOCAL_RANK
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 @contextlib.contextmanager
