@@ -52,7 +52,7 @@ def mask_to_original(prob: torch.Tensor | np.ndarray, geometry: Geometry, thresh
 
     The inverse of crop + resize: each original pixel centre (x + .5, y + .5) goes to the input grid
     by `geometry.to_input` and reads the map there bilinearly; centres outside the crop are False."""
-    p = torch.as_tensor(prob, dtype=torch.float32)
+    p = torch.as_tensor(prob, dtype=torch.float32).cpu()  # the sampling grid is built on the CPU
     if p.shape != (geometry.out_h, geometry.out_w):
         raise ValueError(f"map {tuple(p.shape)} is not the input size {(geometry.out_h, geometry.out_w)}")
     xs = np.arange(geometry.orig_w) + 0.5
