@@ -94,6 +94,12 @@ class Section:
     def figures(self) -> int:
         return sum(isinstance(b, Figure) for b in self.blocks)
 
+    def missing(self, text: str, command: str | None = None, kind: str = "missing") -> Section:
+        """This section without its data: only the note (and the command that would make it) is shown."""
+        self.present = False
+        self.notes.append(Note(text, command, kind))
+        return self
+
 
 @dataclass
 class Card:
@@ -465,17 +471,13 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "score", "lr", "seconds")
 def training_section(rf: RunFiles) -> Section:
     sec = Section("training", "Training", notes=rf.damaged_notes("metrics.json"))
     if not rf.path("history.csv").is_file():
-        sec.present = False
-        sec.notes.append(Note("no history.csv: the run has not finished an epoch"))
-        return sec
+        return sec.missing("no history.csv: the run has not finished an epoch")
     header, rows = read_csv(rf.path("history.csv"), ["epoch", "train_loss"])
     hist = {
         h: np.array([_num(r[i] if i < len(r) else None) for r in rows], dtype=np.float64) for i, h in enumerate(header)
     }
     if not rows:
-        sec.present = False
-        sec.notes.append(Note("history.csv has no epochs yet: the run has not finished one"))
-        return sec
+        return sec.missing("history.csv has no epochs yet: the run has not finished one")
     m = rf.metrics or {}
     train_cfg = (rf.config or {}).get("train") or {}
     best = m.get("best_epoch")
@@ -654,11 +656,9 @@ def cams_section(rf: RunFiles) -> Section:
     cams = rf.path("cams")
     grids = sorted(cams.glob("grid_*.png")) if cams.is_dir() else []
     if not grids:
-        sec.present = False
-        sec.notes.append(
-            Note("no CAM grid in cams/: run", rf.command("explain", "--split", rf.explain_split(), "--limit", "36"))
+        return sec.missing(
+            "no CAM grid in cams/: run", rf.command("explain", "--split", rf.explain_split(), "--limit", "36")
         )
-        return sec
     methods = [g.stem.removeprefix("grid_") for g in grids]
     items: list[tuple[str, str]] = []
     if (cams / "index.csv").is_file():
@@ -734,15 +734,10 @@ def localization_section(rf: RunFiles) -> Section:
     sec = Section("localization", "Localisation and faithfulness")
     path = rf.path("localization_summary.json")
     if not path.is_file():
-        sec.present = False
-        split = rf.explain_split()
-        sec.notes.append(
-            Note(
-                "no localisation results (localization_summary.json): run",
-                rf.command("localize", "--annotations", "FILE", "--format", "FORMAT", "--split", split),
-            )
+        return sec.missing(
+            "no localisation results (localization_summary.json): run",
+            rf.command("localize", "--annotations", "FILE", "--format", "FORMAT", "--split", rf.explain_split()),
         )
-        return sec
     s = read_json(path)
     pg = s.get("pointing_game")
     if not isinstance(pg, dict) or not pg:

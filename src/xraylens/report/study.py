@@ -94,9 +94,7 @@ def study_sections(folder: Path, kind: str, shown: str) -> tuple[list[Card], lis
 def _cv_settings(st: _Study) -> Section:
     sec = Section("crossval-settings", "Cross-validation settings")
     if not st.path("crossval.json").is_file():
-        sec.present = False
-        sec.notes.append(Note("no crossval.json: the crossval has not started its folds", kind="info"))
-        return sec
+        return sec.missing("no crossval.json: the crossval has not started its folds", kind="info")
     s = read_json(st.path("crossval.json"))
     cfg = s.get("config") or {}
     data, model, train, clin = (cfg.get(k) or {} for k in ("data", "model", "train", "clinical"))
@@ -129,9 +127,7 @@ def _pm(mean: float | None, sd: float | None) -> str:
 def _cv_summary(st: _Study) -> Section:
     sec = Section("crossval", "Mean ± sd over folds")
     if not st.path("crossval.csv").is_file():
-        sec.present = False
-        sec.notes.append(Note("no crossval.csv: the crossval has not finished; run the same command again"))
-        return sec
+        return sec.missing("no crossval.csv: the crossval has not finished; run the same command again")
     header, rows = read_csv(st.path("crossval.csv"), ["mode", "model", "folds"])
     col = {h: i for i, h in enumerate(header)}
 
@@ -169,9 +165,7 @@ def _cv_summary(st: _Study) -> Section:
 def _cv_folds(st: _Study) -> Section:
     sec = Section("crossval-folds", "Per fold")
     if not st.path("crossval-folds.csv").is_file():
-        sec.present = False
-        sec.notes.append(Note("no crossval-folds.csv: the crossval has not finished; run the same command again"))
-        return sec
+        return sec.missing("no crossval-folds.csv: the crossval has not finished; run the same command again")
     header, rows = read_csv(st.path("crossval-folds.csv"), ["mode", "model", "fold", "n_test"])
     col = {h: i for i, h in enumerate(header)}
     keys = [(k, n) for k, n in METRICS if k in col]
@@ -207,9 +201,7 @@ def _cv_runs(st: _Study) -> Section:
     sec = Section("crossval-runs", "Fold runs")
     found = sorted(p for p in st.run_dir.glob("*/fold-*") if p.is_dir())
     if not found:
-        sec.present = False
-        sec.notes.append(Note("no MODE/fold-K folders: the crossval has not trained a fold yet"))
-        return sec
+        return sec.missing("no MODE/fold-K folders: the crossval has not trained a fold yet")
     rows = []
     for p in sorted(found, key=lambda p: (p.parent.name, _int(p.name.removeprefix("fold-")) or 0)):
         rel = f"{p.parent.name}/{p.name}"
@@ -247,9 +239,7 @@ def _cv_runs(st: _Study) -> Section:
 def _tune_best(st: _Study) -> Section:
     sec = Section("tune-best", "Best trial")
     if not st.path("best.json").is_file():
-        sec.present = False
-        sec.notes.append(Note("no best.json: the study has not finished a trial"))
-        return sec
+        return sec.missing("no best.json: the study has not finished a trial")
     b = read_json(st.path("best.json"))
     counts = b.get("counts") or {}
     items = [
@@ -307,9 +297,7 @@ def _tune_best(st: _Study) -> Section:
 def _tune_trials(st: _Study) -> Section:
     sec = Section("tune-trials", "Trials")
     if not st.path("trials.csv").is_file():
-        sec.present = False
-        sec.notes.append(Note("no trials.csv: the study has not recorded a trial"))
-        return sec
+        return sec.missing("no trials.csv: the study has not recorded a trial")
     header, rows = read_csv(st.path("trials.csv"), ["number", "state", "value"])
     best = None
     if st.path("best.json").is_file():
@@ -356,9 +344,7 @@ def _tune_plots(st: _Study) -> Section:
     order = {"history": 0, "importances": 1, "slice": 2}
     plots.sort(key=lambda p: (order.get(p.stem, 9), p.stem))
     if not plots:
-        sec.present = False
-        sec.notes.append(Note("no plots/*.png: the study has not finished a trial", kind="info"))
-        return sec
+        return sec.missing("no plots/*.png: the study has not finished a trial", kind="info")
     for p in plots:
         try:
             uri = figures.embed_png(p)

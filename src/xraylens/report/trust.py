@@ -49,11 +49,9 @@ def sanity_section(rf: RunFiles) -> Section:
     sec = Section("sanity", "Sanity check: model randomisation")
     path = rf.path(SANITY_DIR) / "sanity.json"
     if not path.is_file():
-        sec.present = False
-        sec.notes.append(
-            Note("no sanity check (sanity/sanity.json): run", rf.command("sanity", "--split", rf.explain_split()))
+        return sec.missing(
+            "no sanity check (sanity/sanity.json): run", rf.command("sanity", "--split", rf.explain_split())
         )
-        return sec
     s = read_json(path)
     verdicts = s.get("verdicts")
     if not isinstance(verdicts, dict) or not verdicts:
@@ -171,11 +169,9 @@ def audit_section(rf: RunFiles) -> Section:
     sec = Section("audit", "Shortcut audit")
     path = rf.path(AUDIT_DIR) / "audit.json"
     if not path.is_file():
-        sec.present = False
-        sec.notes.append(
-            Note("no shortcut audit (audit/audit.json): run", rf.command("audit", "--split", rf.explain_split()))
+        return sec.missing(
+            "no shortcut audit (audit/audit.json): run", rf.command("audit", "--split", rf.explain_split())
         )
-        return sec
     a = read_json(path)
     classes = a.get("classes")
     if not isinstance(classes, dict) or not isinstance(classes.get("all"), dict):
