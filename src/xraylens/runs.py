@@ -31,6 +31,7 @@ from xraylens.data.records import Geometry, SourceSet
 from xraylens.data.relabel import apply_splits_file, merge_classes
 from xraylens.data.sources import is_plain_image_folder, load_image_folder, load_source
 from xraylens.errors import XraylensError
+from xraylens.models.fusion import clinical_batch, forward_with
 from xraylens.runtime import resolve_device
 
 CHECKPOINT_FORMAT = 1
@@ -145,9 +146,8 @@ def predict_logits(
     model.eval()
     out = []
     for x, _, idx in iterate_batches(cached, batch_size, shuffle=False):
-        z = None if cached.clinical is None else torch.from_numpy(cached.clinical[idx.cpu().numpy()]).to(device)
-        xin = inputs.to_model(x, device)
-        out.append((model(xin) if z is None else model(xin, z)).float().cpu())
+        z = clinical_batch(cached.clinical, idx, device)
+        out.append(forward_with(model, inputs.to_model(x, device), z).float().cpu())
     model.train(was_training)
     if not out:
         return np.zeros((0, getattr(model, "num_classes", 0)), dtype=np.float32)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from xraylens.errors import DecodeError, XraylensError
+from xraylens.models.fusion import forward_with
 from xraylens.ops import class_probabilities
 from xraylens.runs import RunLike, open_run
 
@@ -41,7 +42,7 @@ def predict_files(
             results.append({"path": str(p), "error": str(e)})
             continue
         x = inputs.to_model(torch.from_numpy(arr)[None, None], run.device)
-        probs = class_probabilities(run.model(x) if z is None else run.model(x, z))[0].tolist()
+        probs = class_probabilities(forward_with(run.model, x, z))[0].tolist()
         k = int(np.argmax(probs))
         results.append(
             {

@@ -20,7 +20,7 @@ from xraylens.data.sources import is_plain_image_folder
 from xraylens.errors import XraylensError
 from xraylens.explain.engine import CamEngine, CamResult, check_options, check_precision
 from xraylens.explain.methods import resolve_methods
-from xraylens.models.fusion import bind_clinical
+from xraylens.models.fusion import bind_clinical, clinical_batch
 from xraylens.ops import class_probabilities
 from xraylens.runs import Run, RunLike, open_run
 
@@ -112,7 +112,7 @@ def iter_cams(
             x = inputs.to_model(torch.from_numpy(cached.images[idx])[:, None], run.device)
             labels = torch.from_numpy(cached.labels[idx]).to(run.device)
             # a fused model's clinical rows are bound for this batch: the engine explains the image branch
-            z = None if cached.clinical is None else torch.from_numpy(cached.clinical[idx]).to(run.device)
+            z = clinical_batch(cached.clinical, idx, run.device)
             with bind_clinical(run.model, z):
                 res = engine(
                     x, methods, targets=targets, labels=labels, combine=combine, score=score, precision=precision

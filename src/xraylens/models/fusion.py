@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -173,6 +174,16 @@ def bind_clinical(model: nn.Module, clinical: torch.Tensor | None):
     if isinstance(inner, FusedModel):
         return inner.bind(clinical)
     return contextlib.nullcontext(model)
+
+
+def clinical_batch(rows: np.ndarray | None, idx, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """A split's clinical feature rows `rows[idx]` as a tensor on `device`; None for a run without a table.
+    `idx`: indices (numpy or a tensor on any device) or a slice."""
+    if rows is None:
+        return None
+    if isinstance(idx, torch.Tensor):
+        idx = idx.cpu().numpy()
+    return torch.from_numpy(np.asarray(rows[idx])).to(device)
 
 
 def forward_with(model: nn.Module, x: torch.Tensor, clinical: torch.Tensor | None) -> torch.Tensor:

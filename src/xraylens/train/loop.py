@@ -33,6 +33,7 @@ from xraylens.data.splits import write_splits_csv
 from xraylens.errors import XraylensError
 from xraylens.io import LOCK_NAME, lock_dir, write_csv, write_json
 from xraylens.metrics import checked_score, compute_metrics, metric_selector
+from xraylens.models.fusion import clinical_batch, forward_with
 from xraylens.ops import class_probabilities_np
 from xraylens.progress import progress_bar
 from xraylens.runs import (
@@ -449,12 +450,12 @@ def _train_locked(
                 progress, f"epoch {epoch + 1}/{cfg.train.epochs}", n_images, show_loss=True, unit="img"
             ) as advance:
                 for x, y, idx in batches:
-                    z = None if train_c.clinical is None else torch.from_numpy(train_c.clinical[idx.cpu().numpy()])
+                    z = clinical_batch(train_c.clinical, idx, device)
                     xin = inputs.to_model(x, device, channels_last=use_cl)
                     y = y.to(device, non_blocking=True)
                     xin = augment(xin, generator=gen)
                     with _autocast(device, cfg.train.amp):
-                        logits = net(xin) if z is None else net(xin, z.to(device))
+                        logits = forward_with(net, xin, z)
                     loss = loss_fn(logits.float(), y)
                     if not torch.isfinite(loss):
                         raise XraylensError(f"loss became {loss.item()} at epoch {epoch + 1}; lower train.lr")

@@ -43,7 +43,7 @@ from xraylens.explain.run import check_cam_settings, check_positive, pick_indice
 from xraylens.io import finite_json, write_csv, write_json
 from xraylens.localize import metrics as loc
 from xraylens.metrics import bootstrap_means, percentile_interval
-from xraylens.models.fusion import bind_clinical
+from xraylens.models.fusion import bind_clinical, clinical_batch
 from xraylens.ops import class_probabilities
 from xraylens.runs import RunLike, open_run
 
@@ -171,7 +171,7 @@ def audit_run(
             idx = indices[lo : lo + batch_size]
             x = run.inputs.to_model(torch.from_numpy(cached.images[idx])[:, None], dev)
             # a fused run's clinical rows stay bound for the batch: its maps and blanked predictions alike
-            z = None if cached.clinical is None else torch.from_numpy(cached.clinical[idx]).to(dev)
+            z = clinical_batch(cached.clinical, idx, dev)
             with bind_clinical(run.model, z):
                 b = x.shape[0]
                 res = engine(x, method_list, targets="pred", combine=combine)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from xraylens.explain.engine import CamEngine
-from xraylens.models.fusion import bind_clinical
+from xraylens.models.fusion import bind_clinical, clinical_batch
 from xraylens.runs import Run
 
 
@@ -58,7 +58,7 @@ def cam_maps(
             hi = min(len(images), lo + batch_size)
             x = model_inputs(run, images, lo, hi)
             t = targets if isinstance(targets, str) else torch.as_tensor(targets[lo:hi], device=x.device)
-            z = None if clinical is None else torch.from_numpy(clinical[lo:hi]).to(x.device)
+            z = clinical_batch(clinical, slice(lo, hi), x.device)
             with bind_clinical(model, z):
                 res = engine(x, list(methods), targets=t, combine=combine)
             for m in methods:
