@@ -23,6 +23,15 @@ def fixture_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def osteo(fixture_dir: Path) -> Path:
+    """The osteoporosis fixture: 9 knee radiographs under images/ and their clinical.csv."""
+    d = fixture_dir / "osteoporosis"
+    if not (d / "clinical.csv").is_file():
+        pytest.skip(f"osteoporosis fixture not found at {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared data not found at {SHARED}")

@@ -18,14 +18,6 @@ from xraylens.errors import XraylensError
 CLASSES = ["normal", "osteopenia", "osteoporosis"]
 
 
-@pytest.fixture(scope="module")
-def osteo(fixture_dir):
-    d = fixture_dir / "osteoporosis"
-    if not (d / "clinical.csv").is_file():
-        pytest.skip(f"osteoporosis fixture not found at {d}")
-    return d
-
-
 def _images(osteo: Path) -> list[tuple[str, str]]:
     root = osteo / "images"
     return [(p.relative_to(root).as_posix(), str(p)) for p in sorted(root.rglob("*.png"))]

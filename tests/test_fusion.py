@@ -14,14 +14,6 @@ from xraylens.errors import XraylensError
 COLS = "Age,Gender,BMI"
 
 
-@pytest.fixture(scope="module")
-def osteo(fixture_dir):
-    d = fixture_dir / "osteoporosis"
-    if not (d / "clinical.csv").is_file():
-        pytest.skip(f"osteoporosis fixture not found at {d}")
-    return d
-
-
 def _cfg(osteo, mode, **extra):
     from tests.conftest import tiny_config
 
